@@ -1,0 +1,19 @@
+"""BASIS: exact dX, count-sketched dW for linear layers (arXiv 2604.16324)."""
+
+from .functional import basis_linear, check_settings
+from .layer import BasisLinear, apply_basis, layer_seed, mix_seed, seed_sketches
+from .sketch import HASHINGS, Sketch, draw_sketch, invariant_scalar
+
+__all__ = [
+    "HASHINGS",
+    "BasisLinear",
+    "Sketch",
+    "apply_basis",
+    "basis_linear",
+    "check_settings",
+    "draw_sketch",
+    "invariant_scalar",
+    "layer_seed",
+    "mix_seed",
+    "seed_sketches",
+]

@@ -1,0 +1,172 @@
+"""``basis_linear``: a linear map with exact dX and a count-sketched dW (the paper's Algorithm 1).
+
+Read side by side with ``BASIS-SPEC.md`` §1. PyTorch layout: ``weight`` is (M, N) and
+``y = x @ weight.T + bias``, so the estimated weight gradient is ``dŶᵀ X̂`` rather than ``X̂ᵀ dŶ``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .sketch import HASHINGS, Sketch, draw_sketch, invariant_scalar
+
+_SEED_BOUND = 2**62
+
+
+def check_settings(
+    rank: int, lam: float, scale: float, eps: float, invariant_scalars: bool, hashing: str
+) -> None:
+    """Raise ``ValueError`` naming the first bad setting (shared with ``BasisLinear``)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not isinstance(lam, (int, float)) or not 0.0 <= lam < 1.0:
+        raise ValueError(f"lam (latent shrinkage λ) must be in [0, 1), got {lam!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not isinstance(invariant_scalars, bool):
+        raise ValueError(f"invariant_scalars must be True or False, got {invariant_scalars!r}")
+    if hashing not in HASHINGS:
+        raise ValueError(f"hashing must be one of {', '.join(HASHINGS)}; got {hashing!r}")
+
+
+def _check_given_sketch(
+    h: torch.Tensor | None, s: torch.Tensor | None, rows: int, r_eff: int, hashing: str
+) -> None:
+    if h is None and s is None:
+        return
+    if h is None or s is None:
+        raise ValueError("h and s must be given together (or neither)")
+    if hashing == "gaussian":
+        raise ValueError("h and s define a count sketch; they cannot be used with hashing='gaussian'")
+    if h.shape != (rows,) or h.dtype.is_floating_point or h.dtype == torch.bool:
+        raise ValueError(f"h must be an integer tensor of shape ({rows},), got {h.dtype} {tuple(h.shape)}")
+    if rows and (int(h.min()) < 0 or int(h.max()) >= r_eff):
+        raise ValueError(f"h must hold bin ids in [0, {r_eff}) (R_eff = min(rank, rows))")
+    if s.shape != (rows,):
+        raise ValueError(f"s must have shape ({rows},), got {tuple(s.shape)}")
+    if not bool(((s == 1) | (s == -1)).all()):
+        raise ValueError("s must hold only +1 and -1")
+
+
+class _BasisLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s):
+        # Step 1: the forward output is the exact linear map (bias outside the sketched product).
+        y = F.linear(x, weight, bias)
+
+        rows = x.reshape(-1, x.shape[-1]).float()  # norms and sums in fp32, whatever x's dtype
+        sketch = _sketch_for(rows.shape[0], rank, hashing, seed, h, s, x.device)
+        # Step 5: X̃ = S X, a signed segment sum into R_eff bins.
+        x_hat = sketch.apply(rows)
+        # Step 6: γ_X = ‖X‖_F / (‖X̃‖_F + ε); X̂ = γ_X X̃ keeps the activations' energy.
+        if invariant_scalars:
+            x_hat.mul_(invariant_scalar(rows, x_hat, eps))
+
+        # Step 7: keep X̂ (R_eff × N), W (the parameter itself, no copy) and h, s — or only the
+        # seed that regenerates them, so nothing of X's size (B × N) outlives the forward.
+        if h is not None:
+            ctx.save_for_backward(x_hat, weight, h, s)
+        else:
+            ctx.save_for_backward(x_hat, weight)
+        ctx.settings = (rank, lam, scale, eps, invariant_scalars, hashing, seed)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, weight, *given = ctx.saved_tensors
+        rank, lam, scale, eps, invariant_scalars, hashing, seed = ctx.settings
+        dx = dw = db = None
+        dy_rows = dy.reshape(-1, dy.shape[-1])
+
+        # Step 1: dX = dY W, exact — error propagation is never approximated.
+        if ctx.needs_input_grad[0]:
+            dx = (dy @ weight.to(dy.dtype)).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy_rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[1]:
+            dy32 = dy_rows.float()
+            h, s = given if given else (None, None)
+            sketch = _sketch_for(dy32.shape[0], rank, hashing, seed, h, s, dy.device)
+            # Step 2: dỸ = S dY with the same h and s as the forward; γ_dY rescales its norm.
+            dy_hat = sketch.apply(dy32)
+            # Step 3 and 4 folded into one scalar: (1−λ) on X̂ and on dŶ, times `scale`.
+            coef = scale * (1.0 - lam) ** 2
+            if invariant_scalars:
+                dy_hat.mul_(invariant_scalar(dy32, dy_hat, eps) * coef)
+            else:
+                dy_hat.mul_(coef)
+            dw = dy_hat.t() @ x_hat  # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ
+            dw = dw.to(weight.dtype)
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
+
+
+def _sketch_for(
+    rows: int,
+    rank: int,
+    hashing: str,
+    seed: int | None,
+    h: torch.Tensor | None,
+    s: torch.Tensor | None,
+    device: torch.device,
+) -> Sketch:
+    """The forward's sketch, rebuilt identically in backward from the given (h, s) or the seed."""
+    if h is not None:
+        return Sketch(rank=min(rank, rows), h=h.to(device=device, dtype=torch.long), s=s.float())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return draw_sketch(rows, rank, hashing, gen, device)
+
+
+def basis_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    rank: int,
+    lam: float = 0.0,
+    scale: float = 1.0,
+    eps: float = 1e-8,
+    invariant_scalars: bool = True,
+    hashing: str = "balanced",
+    generator: torch.Generator | None = None,
+    h: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose backward estimates dW from a rank-``rank`` sketch.
+
+    ``x``: (..., N); ``weight``: (M, N); ``bias``: (M,) or None; returns (..., M). All leading
+    dims of ``x`` are the B rows that are hashed into ``R_eff = min(rank, B)`` bins. dX and the
+    bias gradient are exact; the weight gradient is
+    ``scale · (1−λ)² · γ_X γ_dY · (S dY)ᵀ (S X)`` (γ = 1 without invariant scalars).
+
+    ``h`` (bin ids) and ``s`` (±1 signs) fix the sketch; otherwise it is drawn from ``generator``
+    (torch's default generator when None) and regenerated in backward from one saved seed.
+    Without autograd (no_grad, inference, frozen weight) this is exactly ``F.linear``.
+    """
+    check_settings(rank, lam, scale, eps, invariant_scalars, hashing)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dim must equal weight's in_features {weight.shape[1]}, got x of shape {tuple(x.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (torch.is_grad_enabled() and weight.requires_grad) or rows == 0:
+        return F.linear(x, weight, bias)
+    _check_given_sketch(h, s, rows, min(rank, rows), hashing)
+    seed = None
+    if h is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
+    return _BasisLinearFn.apply(
+        x, weight, bias, rank, float(lam), float(scale), float(eps), invariant_scalars, hashing, seed, h, s
+    )

@@ -1,0 +1,63 @@
+"""The sketching operator S (R_eff × rows) of BASIS, never materialised for count sketches.
+
+A count sketch is defined by a bin id ``h[i]`` and a sign ``s[i]`` per row, so ``S X`` is a signed
+segment sum of X's rows into R bins. The Gaussian peer (random projection, Bershatsky et al. 2022)
+is a dense S with N(0, 1/R) entries; it is here only as a comparison point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HASHINGS = ("balanced", "uniform", "gaussian")
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """One draw of S. ``h``/``s`` for count sketches, ``dense`` for the Gaussian peer."""
+
+    rank: int  # R_eff
+    h: torch.Tensor | None = None  # (rows,) int64 in [0, rank)
+    s: torch.Tensor | None = None  # (rows,) ±1, in the dtype the rows are summed in
+    dense: torch.Tensor | None = None  # (rank, rows)
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """Return ``S @ rows`` for ``rows`` of shape (B, K), accumulated in ``rows``' dtype."""
+        if self.dense is not None:
+            return self.dense.to(rows.dtype) @ rows
+        out = rows.new_zeros(self.rank, rows.shape[1])
+        # index_add_ instead of a one-hot (rows × R) matrix: O(B·K) work and no B × R buffer.
+        return out.index_add_(0, self.h, rows * self.s.to(rows.dtype).unsqueeze(1))
+
+
+def draw_sketch(
+    rows: int,
+    rank: int,
+    hashing: str,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Sketch:
+    """Draw S for ``rows`` rows into ``min(rank, rows)`` bins (spec §1, forward steps 2-4)."""
+    r_eff = min(rank, rows)
+    if hashing == "gaussian":
+        dense = torch.randn(r_eff, rows, generator=generator, device=device) / r_eff**0.5
+        return Sketch(rank=r_eff, dense=dense)
+    if hashing == "balanced":
+        # h = random_permutation(arange(B) mod R): each bin gets floor(B/R) or ceil(B/R) rows.
+        h = torch.randperm(rows, generator=generator, device=device) % r_eff
+    elif hashing == "uniform":
+        h = torch.randint(0, r_eff, (rows,), generator=generator, device=device)
+    else:
+        raise ValueError(f"hashing must be one of {HASHINGS}, got {hashing!r}")
+    s = torch.randint(0, 2, (rows,), generator=generator, device=device, dtype=torch.int8)
+    s = s.mul_(2).sub_(1).to(torch.float32)
+    return Sketch(rank=r_eff, h=h, s=s)
+
+
+def invariant_scalar(full: torch.Tensor, sketched: torch.Tensor, eps: float) -> torch.Tensor:
+    """γ = ‖full‖_F / (‖sketched‖_F + ε), in fp32, as a 0-dim tensor (no host sync)."""
+    return torch.linalg.vector_norm(full, dtype=torch.float32) / (
+        torch.linalg.vector_norm(sketched, dtype=torch.float32) + eps
+    )
