@@ -42,9 +42,13 @@ def _check_given_sketch(
     if h is None or s is None:
         raise ValueError("h and s must be given together (or neither)")
     if hashing == "gaussian":
-        raise ValueError("h and s define a count sketch; they cannot be used with hashing='gaussian'")
+        raise ValueError(
+            "h and s define a count sketch; they cannot be used with hashing='gaussian'"
+        )
     if h.shape != (rows,) or h.dtype.is_floating_point or h.dtype == torch.bool:
-        raise ValueError(f"h must be an integer tensor of shape ({rows},), got {h.dtype} {tuple(h.shape)}")
+        raise ValueError(
+            f"h must be an integer tensor of shape ({rows},), got {h.dtype} {tuple(h.shape)}"
+        )
     if rows and (int(h.min()) < 0 or int(h.max()) >= r_eff):
         raise ValueError(f"h must hold bin ids in [0, {r_eff}) (R_eff = min(rank, rows))")
     if s.shape != (rows,):
@@ -55,7 +59,9 @@ def _check_given_sketch(
 
 class _BasisLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s):
+    def forward(
+        ctx, x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s
+    ):
         # Step 1: the forward output is the exact linear map (bias outside the sketched product).
         y = F.linear(x, weight, bias)
 
@@ -152,7 +158,9 @@ def basis_linear(
     """
     check_settings(rank, lam, scale, eps, invariant_scalars, hashing)
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"x's last dim must equal weight's in_features {weight.shape[1]}, got x of shape {tuple(x.shape)}"
@@ -168,5 +176,16 @@ def basis_linear(
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
     return _BasisLinearFn.apply(
-        x, weight, bias, rank, float(lam), float(scale), float(eps), invariant_scalars, hashing, seed, h, s
+        x,
+        weight,
+        bias,
+        rank,
+        float(lam),
+        float(scale),
+        float(eps),
+        invariant_scalars,
+        hashing,
+        seed,
+        h,
+        s,
     )

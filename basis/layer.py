@@ -67,7 +67,11 @@ class BasisLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, **settings) -> BasisLinear:
         """A ``BasisLinear`` sharing ``linear``'s parameter tensors (weight tying survives)."""
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, device="meta", **settings
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            **settings,
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
