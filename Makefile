@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The main job on the embedded corpus, CPU only: exact vs BASIS R=32 and R=1 (experiment=demo),
+# a table and runs/demo/val_curves.png. Extra train.py overrides: make demo DEMO_ARGS="train.steps=1000"
+demo: setup
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not network"
 
