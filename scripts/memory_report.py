@@ -140,7 +140,9 @@ def _pop(stack: list[str]) -> Callable:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()
+    }
     return sum(storages.values())
 
 
@@ -205,11 +207,22 @@ def run_measurements(
     def record(model: nn.Module, method: str, rank: int | None, layer_set: str | None, sketched):
         saved, peak, after = measure_model(model, idx, targets, device)
         return Measurement(
-            model=model_name, method=method, rank=rank, layer_set=layer_set, batch=batch,
-            seq=seq, config=asdict(config), saved_bytes=sum(saved.per_module.values()), param_bytes=params,
-            per_module=saved.per_module, shared=saved.shared, linear_analytic=linear_analytic_bytes(model, rows),
+            model=model_name,
+            method=method,
+            rank=rank,
+            layer_set=layer_set,
+            batch=batch,
+            seq=seq,
+            config=asdict(config),
+            saved_bytes=sum(saved.per_module.values()),
+            param_bytes=params,
+            per_module=saved.per_module,
+            shared=saved.shared,
+            linear_analytic=linear_analytic_bytes(model, rows),
             module_names=[n for n, _ in model.named_modules()],
-            sketched=list(sketched), cuda_peak_bytes=peak, cuda_after_forward_bytes=after,
+            sketched=list(sketched),
+            cuda_peak_bytes=peak,
+            cuda_after_forward_bytes=after,
         )
 
     results = [record(base, "exact", None, None, [])]
@@ -331,8 +344,13 @@ def whole_model_table(exact: Measurement, runs: Sequence[Measurement]) -> str:
             row.append(fmt_bytes(m.cuda_peak_bytes) if m.cuda_peak_bytes is not None else "–")
         rows.append(row)
     headers = [
-        "method", "sketched layers", "saved for backward", "vs exact",
-        "predicted (exact − freed inputs)", "gap", "linear layers: measured / analytic",
+        "method",
+        "sketched layers",
+        "saved for backward",
+        "vs exact",
+        "predicted (exact − freed inputs)",
+        "gap",
+        "linear layers: measured / analytic",
     ]
     if any_cuda:
         headers.append("CUDA peak fwd+bwd")
@@ -385,17 +403,32 @@ def _json_ready(measurements: Sequence[Measurement]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument("--models", default="paper,gpt2_small",
-                        help="comma list of configs/model/*.yaml names (default: paper,gpt2_small)")
-    parser.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)),
-                        help="BASIS ranks R (default: 64,32,8,1)")
-    parser.add_argument("--layer-sets", default="paper,all",
-                        help="paper (mlp c_fc, c_proj, lm_head) and/or all (every linear)")
+    parser.add_argument(
+        "--models",
+        default="paper,gpt2_small",
+        help="comma list of configs/model/*.yaml names (default: paper,gpt2_small)",
+    )
+    parser.add_argument(
+        "--ranks",
+        default=",".join(map(str, DEFAULT_RANKS)),
+        help="BASIS ranks R (default: 64,32,8,1)",
+    )
+    parser.add_argument(
+        "--layer-sets",
+        default="paper,all",
+        help="paper (mlp c_fc, c_proj, lm_head) and/or all (every linear)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
-    parser.add_argument("--seq", type=int, default=None,
-                        help="tokens per sequence (default: each model's block_size)")
+    parser.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: each model's block_size)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -409,8 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks = parse_int_list(args.ranks, "--ranks")
         layer_sets = [s.strip() for s in args.layer_sets.split(",") if s.strip()]
         if not layer_sets or any(s not in LAYER_SETS for s in layer_sets):
-            raise UsageError(f"--layer-sets must be a comma list of {', '.join(LAYER_SETS)}, "
-                             f"got {args.layer_sets!r}")
+            raise UsageError(
+                f"--layer-sets must be a comma list of {', '.join(LAYER_SETS)}, "
+                f"got {args.layer_sets!r}"
+            )
         if args.batch < 1 or (args.seq is not None and args.seq < 1):
             raise UsageError("--batch and --seq must be positive")
         if args.device == "auto":
@@ -426,8 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         measurements = []
         for name, config in configs.items():
             measurements += run_measurements(
-                name, config, batch=args.batch, seq=args.seq or config.block_size,
-                ranks=ranks, layer_sets=layer_sets, device=device,
+                name,
+                config,
+                batch=args.batch,
+                seq=args.seq or config.block_size,
+                ranks=ranks,
+                layer_sets=layer_sets,
+                device=device,
             )
     except UsageError as err:
         fail(PROG, str(err))

@@ -204,9 +204,17 @@ def _make_run(
     finished = summary.get("finished") is True
     last_step = max((r["step"] for r in rows), default=int(summary.get("steps") or 0))
     return Run(
-        where=where, experiment=str(experiment), tag=str(tag), seed=seed, finished=finished,
-        steps_total=steps_total if isinstance(steps_total, int) else None, last_step=last_step,
-        summary=summary, curves=_curves(rows), rows_per_call=rows_per_call, mtime=mtime,
+        where=where,
+        experiment=str(experiment),
+        tag=str(tag),
+        seed=seed,
+        finished=finished,
+        steps_total=steps_total if isinstance(steps_total, int) else None,
+        last_step=last_step,
+        summary=summary,
+        curves=_curves(rows),
+        rows_per_call=rows_per_call,
+        mtime=mtime,
         problems=problems,
     )
 
@@ -241,8 +249,18 @@ def runs_from_wandb(spec: str, api: Any = None) -> list[Run]:
             for row in r.scan_history(keys=["step"])
             if isinstance(row.get("step"), int)
         ]
-        out.append(_make_run(f"wandb:{'/'.join(r.path)}", config, summary, rows, [], 0.0,
-                             str(r.name), group or path))
+        out.append(
+            _make_run(
+                f"wandb:{'/'.join(r.path)}",
+                config,
+                summary,
+                rows,
+                [],
+                0.0,
+                str(r.name),
+                group or path,
+            )
+        )
     return out
 
 
@@ -308,20 +326,24 @@ def group_runs(runs: Sequence[Run], seeds: Sequence[int] | None) -> list[Experim
                 chosen[key] = keep
             else:
                 chosen[key] = run
-        expected = sorted(seeds) if seeds else sorted(
-            {r.seed for r in chosen.values() if r.seed is not None}
+        expected = (
+            sorted(seeds)
+            if seeds
+            else sorted({r.seed for r in chosen.values() if r.seed is not None})
         )
         tags = set(MAIN_ROWS) | {t for t, _ in chosen}
         for tag in sorted(tags, key=row_order):
             present = {s for t, s in chosen if t == tag}
             missing = [s for s in expected if s not in present]
             if missing:
-                notes.append(
-                    f"{row_label(tag)}: no run for seed(s) {', '.join(map(str, missing))}"
-                )
-        for (tag, seed), run in sorted(chosen.items(), key=lambda kv: (row_order(kv[0][0]), str(kv[0][1]))):
+                notes.append(f"{row_label(tag)}: no run for seed(s) {', '.join(map(str, missing))}")
+        for (tag, seed), run in sorted(
+            chosen.items(), key=lambda kv: (row_order(kv[0][0]), str(kv[0][1]))
+        ):
             if run.seed is None:
-                notes.append(f"`{run.where}`: seed unknown (no config.yaml, summary.json or -s<seed> name)")
+                notes.append(
+                    f"`{run.where}`: seed unknown (no config.yaml, summary.json or -s<seed> name)"
+                )
             if not run.finished:
                 total = f" of {run.steps_total}" if run.steps_total else ""
                 notes.append(
@@ -367,8 +389,11 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
         }
         rows_per_call = {r.rows_per_call for r in finished.values() if r.rows_per_call}
         entry["rows_per_call"] = rows_per_call.pop() if len(rows_per_call) == 1 else None
-        for key, name in (("final_train_loss", "train"), ("final_val_loss", "val"),
-                          ("final_val_loss_fixed", "val_fixed")):
+        for key, name in (
+            ("final_train_loss", "train"),
+            ("final_val_loss", "val"),
+            ("final_val_loss_fixed", "val_fixed"),
+        ):
             values = [v for v in (_final(r, key) for r in finished.values()) if v is not None]
             mean, std = mean_std(values)
             entry[name] = {"mean": mean, "std": std, "n": len(values)}
@@ -376,7 +401,9 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
                 diffs = [
                     _final(r, key) - _final(exact[s], key)
                     for s, r in finished.items()
-                    if s in exact and _final(r, key) is not None and _final(exact[s], key) is not None
+                    if s in exact
+                    and _final(r, key) is not None
+                    and _final(exact[s], key) is not None
                 ]
                 mean, std = mean_std(diffs)
                 entry[f"d_{name}"] = {"mean": mean, "std": std, "n": len(diffs)}
@@ -418,18 +445,33 @@ def render_table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
         if e["val_fixed"].get("se") is not None:
             fixed += f" (SE {e['val_fixed']['se']:.3f})"
         paper = e["paper"]
-        table.append([
-            e["label"], r_cell, e["n"], _pm(e["train"]), _pm(e["val"]), fixed,
-            "–" if e["tag"] == "exact" else _pm(e.get("d_val"), signed=True, with_n=True),
-            "–" if e["tag"] == "exact" else _pm(e.get("d_val_fixed"), signed=True, with_n=True),
-            f"{paper[0]:.3f}" if paper else "–",
-            f"{paper[1]:.3f}" if paper else "–",
-            f"{e['ms_per_step']:.1f}" if e["ms_per_step"] else "–",
-        ])
+        table.append(
+            [
+                e["label"],
+                r_cell,
+                e["n"],
+                _pm(e["train"]),
+                _pm(e["val"]),
+                fixed,
+                "–" if e["tag"] == "exact" else _pm(e.get("d_val"), signed=True, with_n=True),
+                "–" if e["tag"] == "exact" else _pm(e.get("d_val_fixed"), signed=True, with_n=True),
+                f"{paper[0]:.3f}" if paper else "–",
+                f"{paper[1]:.3f}" if paper else "–",
+                f"{e['ms_per_step']:.1f}" if e["ms_per_step"] else "–",
+            ]
+        )
     headers = [
-        "run", "R (compression)", "n", "train (final)", "val, paper protocol",
-        "val, fixed set", "Δ val vs exact (paired)", "Δ val fixed vs exact (paired)",
-        "paper train", "paper val", "ms/step",
+        "run",
+        "R (compression)",
+        "n",
+        "train (final)",
+        "val, paper protocol",
+        "val, fixed set",
+        "Δ val vs exact (paired)",
+        "Δ val fixed vs exact (paired)",
+        "paper train",
+        "paper val",
+        "ms/step",
     ]
     return md_table(headers, table)
 
@@ -440,8 +482,8 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
         "Final losses as mean ± sample std over seeds (finished runs only; n = seeds). "
         "Δ: our row minus exact backprop of the same seed (same initialisation and batches), "
         "mean ± std over the n seeds both have. Paper: spec §2, Table 3 (one seed, FineWeb-edu, "
-        "each row from a different initialisation). \"val, paper protocol\" is the mean over the "
-        "next 30 chunks of a rolling validation stream; \"val, fixed set\" the same held-out "
+        'each row from a different initialisation). "val, paper protocol" is the mean over the '
+        'next 30 chunks of a rolling validation stream; "val, fixed set" the same held-out '
         "chunks at every evaluation."
     )
     out.append("")
@@ -532,14 +574,28 @@ def plot_figure(exp: Experiment, key: str, path: Path, include_unfinished: bool)
         for ax in axes:
             ax.plot(steps, mean, label=label, **style)
             if len(values) > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.15,
-                                lw=0, zorder=style["zorder"] - 1)
+                ax.fill_between(
+                    steps,
+                    mean - std,
+                    mean + std,
+                    color=style["color"],
+                    alpha=0.15,
+                    lw=0,
+                    zorder=style["zorder"] - 1,
+                )
         inside = steps >= zoom_from
         if inside.any():
-            zoom.append((row_label(tag), float((mean - std)[inside].min()),
-                         float((mean + std)[inside].max()), float(mean[-1])))
-    protocol = ("paper protocol: rolling validation chunks" if key == "val_loss"
-                else "fixed held-out set")
+            zoom.append(
+                (
+                    row_label(tag),
+                    float((mean - std)[inside].min()),
+                    float((mean + std)[inside].max()),
+                    float(mean[-1]),
+                )
+            )
+    protocol = (
+        "paper protocol: rolling validation chunks" if key == "val_loss" else "fixed held-out set"
+    )
     axes[0].set_title(f"{exp.name}: validation loss ({protocol})", fontsize=10)
     axes[1].set_title(f"last 20% of training (steps ≥ {zoom_from:,.0f})", fontsize=10)
     axes[1].set_xlim(zoom_from, last * 1.005)
@@ -549,9 +605,15 @@ def plot_figure(exp: Experiment, key: str, path: Path, include_unfinished: bool)
         pad = 0.05 * (hi - lo) or 0.01
         axes[1].set_ylim(lo - pad, hi + pad)
     if off_scale:
-        axes[1].text(0.02, 0.98, "above this range: " + ", ".join(
-            f"{z[0]} ({z[3]:.3f})" for z in off_scale), transform=axes[1].transAxes,
-            va="top", fontsize=8, bbox=dict(facecolor="white", alpha=0.8, lw=0))
+        axes[1].text(
+            0.02,
+            0.98,
+            "above this range: " + ", ".join(f"{z[0]} ({z[3]:.3f})" for z in off_scale),
+            transform=axes[1].transAxes,
+            va="top",
+            fontsize=8,
+            bbox=dict(facecolor="white", alpha=0.8, lw=0),
+        )
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
@@ -575,18 +637,25 @@ def _clean(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("runs", nargs="*", type=Path, help="run directories or folders of them")
     parser.add_argument("--out", type=Path, required=True, help="where TABLE.md etc. go")
-    parser.add_argument("--seeds", default=None,
-                        help="expected seeds, e.g. 1,2,3 (default: every seed seen)")
+    parser.add_argument(
+        "--seeds", default=None, help="expected seeds, e.g. 1,2,3 (default: every seed seen)"
+    )
     parser.add_argument("--experiment", default=None, help="report only this experiment name")
-    parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT[:GROUP]",
-                        help="also read runs through the W&B API (needs network and a key)")
-    parser.add_argument("--include-unfinished", action="store_true",
-                        help="draw unfinished runs' curves too")
+    parser.add_argument(
+        "--wandb",
+        default=None,
+        metavar="ENTITY/PROJECT[:GROUP]",
+        help="also read runs through the W&B API (needs network and a key)",
+    )
+    parser.add_argument(
+        "--include-unfinished", action="store_true", help="draw unfinished runs' curves too"
+    )
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb:
@@ -630,8 +699,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": aggregate(exp),
             "notes": exp.notes,
             "runs": [
-                {"where": r.where, "tag": r.tag, "seed": r.seed, "finished": r.finished,
-                 "last_step": r.last_step, "steps": r.steps_total}
+                {
+                    "where": r.where,
+                    "tag": r.tag,
+                    "seed": r.seed,
+                    "finished": r.finished,
+                    "last_step": r.last_step,
+                    "steps": r.steps_total,
+                }
                 for r in exp.runs.values()
             ],
         }
@@ -639,7 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out / "report.json").write_text(json.dumps(_clean(payload), indent=1) + "\n")
     print(text)
-    print(f"wrote {args.out / 'TABLE.md'}, report.json and {len(sum(figures.values(), []))} figure(s)")
+    print(
+        f"wrote {args.out / 'TABLE.md'}, report.json and {len(sum(figures.values(), []))} figure(s)"
+    )
     return 0
 
 

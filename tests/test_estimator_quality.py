@@ -18,8 +18,9 @@ import estimator_quality as eq  # noqa: E402
 
 from model.gpt import GPT, GPTConfig  # noqa: E402
 
-TINY = GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16, ln_eps=1e-6,
-                 init="flax")
+TINY = GPTConfig(
+    block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16, ln_eps=1e-6, init="flax"
+)
 LAYERS = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"]
 VARIANT = {v.key: v for v in eq.VARIANTS}
 
@@ -114,8 +115,17 @@ def test_cross_term_energy_against_brute_force():
 
 def test_run_render_and_plot(tmp_path):
     tokens = eq.synthetic_tokens(TINY.vocab_size, 5000)
-    cells, facts = eq.run(TINY, tokens, layers=eq.PAPER_LAYERS, ranks=[1, 4, 16], steps=5,
-                          draws=3, batches=1, lam=0.0, seed=0)
+    cells, facts = eq.run(
+        TINY,
+        tokens,
+        layers=eq.PAPER_LAYERS,
+        ranks=[1, 4, 16],
+        steps=5,
+        draws=3,
+        batches=1,
+        lam=0.0,
+        seed=0,
+    )
     assert len(cells) == 2 * 3 * 3 * len(eq.VARIANTS)
     assert facts["layers"] == LAYERS and facts["rows"] == TINY.block_size
     settings = dict(model="tiny", data="synthetic", batches=1, draws=3, lam=0.0, seed=0)
@@ -128,9 +138,24 @@ def test_run_render_and_plot(tmp_path):
 
 def test_cli_quick(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "estimator_quality.py"), "--quick", "--model", "tiny",
-         "--ranks", "1,32", "--draws", "2", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            str(SCRIPTS / "estimator_quality.py"),
+            "--quick",
+            "--model",
+            "tiny",
+            "--ranks",
+            "1,32",
+            "--draws",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Shakespeare" in proc.stdout or "synthetic token stream" in proc.stdout
@@ -142,8 +167,12 @@ def test_cli_quick(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--ranks", "x"], "--ranks"), (["--draws", "0"], "--draws"), (["--model", "nope"], "unknown model"),
-     (["--lam", "1"], "--lam")],
+    [
+        (["--ranks", "x"], "--ranks"),
+        (["--draws", "0"], "--draws"),
+        (["--model", "nope"], "unknown model"),
+        (["--lam", "1"], "--lam"),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -151,3 +180,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unprepared_corpus_falls_back_to_a_synthetic_stream_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASIS_DATA_DIR", str(tmp_path))
+    tokens, desc = eq.load_tokens(50257, prepare=False)
+    assert "synthetic token stream" in desc and "not prepared" in desc
+    assert tokens.max() < 50257 and len(tokens) > 100_000
+    assert (tokens == eq.synthetic_tokens(50257)).all()  # deterministic
+    small, desc = eq.load_tokens(97, prepare=False)
+    assert small.max() < 97 and "vocabulary" in desc

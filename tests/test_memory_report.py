@@ -55,7 +55,12 @@ def measured():
     return {
         (m.method, m.rank, m.layer_set): m
         for m in memory_report.run_measurements(
-            "tiny", _tiny(), batch=B, seq=T, ranks=[3, ROWS], layer_sets=["paper", "all"],
+            "tiny",
+            _tiny(),
+            batch=B,
+            seq=T,
+            ranks=[3, ROWS],
+            layer_sets=["paper", "all"],
             device=torch.device("cpu"),
         )
     }
@@ -72,9 +77,7 @@ def test_exact_matches_hand_computed_bytes(measured):
 
 def test_basis_paper_layers_keep_r_rows(measured):
     exact, basis = measured[("exact", None, None)], measured[("basis", 3, "paper")]
-    assert basis.sketched == [
-        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"
-    ]
+    assert basis.sketched == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"]
     assert basis.per_module["transformer.h.0.mlp.c_fc"] == 3 * D * F32
     assert basis.per_module["transformer.h.0.mlp.c_proj"] == 3 * 4 * D * F32
     assert basis.per_module["lm_head"] == 3 * D * F32
@@ -106,9 +109,25 @@ def test_sketching_attention_proj_frees_nothing_so_the_gap_shows(measured):
 def test_cli_writes_markdown_and_json(tmp_path):
     out, js = tmp_path / "m.md", tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "memory_report.py"), "--models", "paper", "--ranks", "8",
-         "--layer-sets", "paper", "--out", str(out), "--json", str(js), "--threads", "1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(SCRIPTS / "memory_report.py"),
+            "--models",
+            "paper",
+            "--ranks",
+            "8",
+            "--layer-sets",
+            "paper",
+            "--out",
+            str(out),
+            "--json",
+            str(js),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_text().strip() == proc.stdout.strip()

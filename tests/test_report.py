@@ -18,17 +18,31 @@ import report  # noqa: E402
 
 PAPER_LAYERS = ["transformer.h.*.mlp.c_fc", "transformer.h.*.mlp.c_proj", "lm_head"]
 STEPS = 1000
-OFFSET = {"exact": 0.0, "basis-r64": -0.01, "basis-r32": 0.02, "basis-r16": 0.05,
-          "basis-r8": 0.1, "basis-r1": 0.6, "basis-r32-uniform": 0.07}
+OFFSET = {
+    "exact": 0.0,
+    "basis-r64": -0.01,
+    "basis-r32": 0.02,
+    "basis-r16": 0.05,
+    "basis-r8": 0.1,
+    "basis-r1": 0.6,
+    "basis-r32-uniform": 0.07,
+}
 
 
 def _method(tag: str) -> dict:
     if tag == "exact":
         return {"name": "exact"}
     rank = int(tag.split("-")[1][1:])
-    return {"name": "basis", "rank": rank, "lam": 0.01, "scale": 1.0, "eps": 1e-8,
-            "hashing": "uniform" if tag.endswith("uniform") else "balanced",
-            "invariant_scalars": True, "layers": PAPER_LAYERS}
+    return {
+        "name": "basis",
+        "rank": rank,
+        "lam": 0.01,
+        "scale": 1.0,
+        "eps": 1e-8,
+        "hashing": "uniform" if tag.endswith("uniform") else "balanced",
+        "invariant_scalars": True,
+        "layers": PAPER_LAYERS,
+    }
 
 
 def final(tag: str, seed: int, kind: str) -> float:
@@ -38,28 +52,50 @@ def final(tag: str, seed: int, kind: str) -> float:
     return base + OFFSET[tag] + 0.03 * seed + 0.001 * ((seed * 7 + len(tag)) % 5)
 
 
-def write_run(root: Path, tag: str, seed: int, *, experiment: str = "paper-shakespeare",
-              upto: int = STEPS, finished: bool = True) -> Path:
+def write_run(
+    root: Path,
+    tag: str,
+    seed: int,
+    *,
+    experiment: str = "paper-shakespeare",
+    upto: int = STEPS,
+    finished: bool = True,
+) -> Path:
     path = root / experiment / f"{tag}-s{seed}"
     path.mkdir(parents=True)
-    config = {"experiment_name": experiment, "seed": seed, "threads": 1,
-              "train": {"steps": STEPS, "batch_size": 1, "block_size": 64},
-              "eval": {"every": 100}, "method": _method(tag)}
+    config = {
+        "experiment_name": experiment,
+        "seed": seed,
+        "threads": 1,
+        "train": {"steps": STEPS, "batch_size": 1, "block_size": 64},
+        "eval": {"every": 100},
+        "method": _method(tag),
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     lines = []
     for step in range(100, upto + 1, 100):
         decay = 3.0 * math.exp(-step / 300)
-        row = {"step": step, "train_loss": final(tag, seed, "train") + decay,
-               "val_loss": final(tag, seed, "val") + decay,
-               "val_loss_fixed": final(tag, seed, "val_fixed") + decay, "tokens": 64 * step}
+        row = {
+            "step": step,
+            "train_loss": final(tag, seed, "train") + decay,
+            "val_loss": final(tag, seed, "val") + decay,
+            "val_loss_fixed": final(tag, seed, "val_fixed") + decay,
+            "tokens": 64 * step,
+        }
         lines.append(json.dumps(row))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:
-        summary = {"finished": True, "steps": STEPS, "method_tag": tag, "seed": seed,
-                   "experiment": experiment, "ms_per_step": 12.5,
-                   "final_train_loss": final(tag, seed, "train"),
-                   "final_val_loss": final(tag, seed, "val"),
-                   "final_val_loss_fixed": final(tag, seed, "val_fixed")}
+        summary = {
+            "finished": True,
+            "steps": STEPS,
+            "method_tag": tag,
+            "seed": seed,
+            "experiment": experiment,
+            "ms_per_step": 12.5,
+            "final_train_loss": final(tag, seed, "train"),
+            "final_val_loss": final(tag, seed, "val"),
+            "final_val_loss_fixed": final(tag, seed, "val_fixed"),
+        }
         (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -71,8 +107,13 @@ def runs(tmp_path: Path) -> Path:
         for seed in (1, 2, 3):
             if tag == "basis-r16" and seed == 3:
                 continue  # a missing seed
-            write_run(root, tag, seed, finished=not (tag == "basis-r8" and seed == 2),
-                      upto=500 if (tag == "basis-r8" and seed == 2) else STEPS)
+            write_run(
+                root,
+                tag,
+                seed,
+                finished=not (tag == "basis-r8" and seed == 2),
+                upto=500 if (tag == "basis-r8" and seed == 2) else STEPS,
+            )
     for seed in (1, 2, 3):
         write_run(root, "basis-r32-uniform", seed)
     return root
@@ -114,8 +155,15 @@ def test_table_numbers_paired_differences_and_paper(runs, tmp_path, capsys):
 
     # Order: the paper's rows, then the ablation.
     labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
-    assert labels[1:] == ["exact backprop", "BASIS R=64", "BASIS R=32", "BASIS R=16",
-                          "BASIS R=8", "BASIS R=1", "uniform hashing, R=32"]
+    assert labels[1:] == [
+        "exact backprop",
+        "BASIS R=64",
+        "BASIS R=32",
+        "BASIS R=16",
+        "BASIS R=8",
+        "BASIS R=1",
+        "uniform hashing, R=32",
+    ]
 
     notes = table.split("### Missing or unfinished")[1]
     assert "BASIS R=16: no run for seed(s) 3" in notes
@@ -141,7 +189,10 @@ def test_expected_seeds_and_rows_without_any_run(tmp_path):
     assert _row(table, "BASIS R=1")[2] == "0"  # the paper's rows are always shown
     assert "BASIS R=1: no run for seed(s) 1, 2" in table
     assert "exact backprop: no run for seed(s) 2" in table
-    assert _row(table, "BASIS R=32")[6] == f"{final('basis-r32', 1, 'val') - final('exact', 1, 'val'):+.3f} (n=1)"
+    assert (
+        _row(table, "BASIS R=32")[6]
+        == f"{final('basis-r32', 1, 'val') - final('exact', 1, 'val'):+.3f} (n=1)"
+    )
 
 
 def test_broken_duplicate_and_nameless_runs_are_reported_not_fatal(tmp_path):
@@ -168,7 +219,9 @@ def test_several_experiments_get_a_figure_each(tmp_path):
         write_run(root, "basis-r1", 1, experiment=exp)
     out = tmp_path / "out"
     assert report.main([str(root), "--out", str(out)]) == 0
-    assert (out / "figure1-demo.png").is_file() and (out / "figure1-paper-shakespeare.png").is_file()
+    assert (out / "figure1-demo.png").is_file() and (
+        out / "figure1-paper-shakespeare.png"
+    ).is_file()
     out2 = tmp_path / "out2"
     assert report.main([str(root), "--out", str(out2), "--experiment", "demo"]) == 0
     assert (out2 / "figure1.png").is_file()
@@ -185,12 +238,22 @@ def test_a_single_run_directory_is_accepted(tmp_path):
 class _FakeRun:
     def __init__(self, tag: str, seed: int) -> None:
         self.name, self.path = f"{tag}-s{seed}", ["me", "basis", f"id{seed}{tag}"]
-        self.config = {"experiment_name": "paper-shakespeare", "seed": seed,
-                       "train": {"steps": STEPS, "batch_size": 1, "block_size": 64},
-                       "method": _method(tag)}
-        self.summary = {"finished": True, "method_tag": tag, "seed": seed, "steps": STEPS,
-                        "final_train_loss": 6.9, "final_val_loss": final(tag, seed, "val"),
-                        "final_val_loss_fixed": 6.4, "_wandb": {"runtime": 3}}
+        self.config = {
+            "experiment_name": "paper-shakespeare",
+            "seed": seed,
+            "train": {"steps": STEPS, "batch_size": 1, "block_size": 64},
+            "method": _method(tag),
+        }
+        self.summary = {
+            "finished": True,
+            "method_tag": tag,
+            "seed": seed,
+            "steps": STEPS,
+            "final_train_loss": 6.9,
+            "final_val_loss": final(tag, seed, "val"),
+            "final_val_loss_fixed": 6.4,
+            "_wandb": {"runtime": 3},
+        }
 
     def scan_history(self, keys):
         return [{"step": s, "val_loss": 7.0 - s / 1e4, "_step": s} for s in (100, 200)]
@@ -209,7 +272,10 @@ def test_runs_from_wandb_map_onto_run_directories():
     api = _FakeApi()
     runs = report.runs_from_wandb("me/basis:paper-shakespeare", api=api)
     assert api.calls == [("me/basis", {"group": "paper-shakespeare"})]
-    assert [(r.tag, r.seed, r.finished) for r in runs] == [("exact", 1, True), ("basis-r32", 1, True)]
+    assert [(r.tag, r.seed, r.finished) for r in runs] == [
+        ("exact", 1, True),
+        ("basis-r32", 1, True),
+    ]
     assert runs[0].curves["val_loss"] == [(100, 6.99), (200, 6.98)]
     with pytest.raises(report.UsageError):
         report.runs_from_wandb("no-slash", api=api)
@@ -234,8 +300,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_args, message):
 
 
 def test_zoom_panel_leaves_far_outliers_off_scale():
-    rows = [("exact", 6.6, 6.7, 6.65), ("R=32", 6.62, 6.72, 6.67), ("R=8", 6.7, 6.8, 6.75),
-            ("R=1", 7.2, 7.3, 7.25)]
+    rows = [
+        ("exact", 6.6, 6.7, 6.65),
+        ("R=32", 6.62, 6.72, 6.67),
+        ("R=8", 6.7, 6.8, 6.75),
+        ("R=1", 7.2, 7.3, 7.25),
+    ]
     shown, off = report._zoom_rows(rows)
     assert [z[0] for z in off] == ["R=1"] and len(shown) == 3
     close = rows[:3] + [("R=4", 6.8, 6.9, 6.85)]

@@ -34,7 +34,8 @@ def _sweep_params(preset: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(
-    "preset, rows", [("paper_sweep", report.MAIN_ROWS), ("paper_ablations", tuple(report.ABLATIONS))]
+    "preset, rows",
+    [("paper_sweep", report.MAIN_ROWS), ("paper_ablations", tuple(report.ABLATIONS))],
 )
 def test_presets_launch_one_job_per_row_and_seed(preset, rows):
     params = _sweep_params(preset)
@@ -58,15 +59,22 @@ def test_exact_has_no_rank_and_ablations_change_one_setting():
     exact = validate(_compose(["experiment=paper_sweep", "method=exact"]))["method"]
     assert exact == {"name": "exact"}
     base = validate(_compose(["experiment=paper_sweep", "method=basis_r8"]))["method"]
-    for method, diff in [("basis_r8_noinv", {"invariant_scalars": False}),
-                         ("basis_r8_gaussian", {"hashing": "gaussian"})]:
+    for method, diff in [
+        ("basis_r8_noinv", {"invariant_scalars": False}),
+        ("basis_r8_gaussian", {"hashing": "gaussian"}),
+    ]:
         conf = validate(_compose(["experiment=paper_ablations", f"method={method}"]))["method"]
         assert conf == {**base, **diff}
 
 
-@pytest.mark.parametrize("launcher, target", [
-    ("local", "JoblibLauncher"), ("local_submitit", "LocalLauncher"), ("slurm", "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "launcher, target",
+    [
+        ("local", "JoblibLauncher"),
+        ("local_submitit", "LocalLauncher"),
+        ("slurm", "SlurmLauncher"),
+    ],
+)
 def test_launcher_configs_compose(launcher, target):
     cfg = _compose(["experiment=paper_sweep", f"hydra/launcher={launcher}"], hydra=True)
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -101,8 +109,10 @@ def test_joblib_multirun_resumes_unfinished_and_skips_finished(tmp_path, corpus)
     summaries = _summaries(tmp_path)
     assert set(summaries) == {"exact-s0", "basis-r8-s0", "basis-r1-s0"}
     assert all(s["finished"] and s["steps"] == 20 and s["threads"] == 1 for s in summaries.values())
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "runs/smoke/basis-r8-s0/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "runs/smoke/basis-r8-s0/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(21))  # smoke evaluates at step 0; no step twice after the resume
 
     again = run_cli(sweep, cwd=tmp_path, timeout=300)
@@ -119,9 +129,16 @@ def test_joblib_multirun_resumes_unfinished_and_skips_finished(tmp_path, corpus)
 
 @pytest.mark.slow
 def test_submitit_local_multirun(tmp_path, corpus):
-    sweep = ["-m", "experiment=smoke", f"data.dir={corpus}", *TINY_RUN, METHODS,
-             "hydra/launcher=local_submitit", "hydra.sweeper.max_batch_size=2",
-             f"hydra.sweep.dir={tmp_path}/mr"]
+    sweep = [
+        "-m",
+        "experiment=smoke",
+        f"data.dir={corpus}",
+        *TINY_RUN,
+        METHODS,
+        "hydra/launcher=local_submitit",
+        "hydra.sweeper.max_batch_size=2",
+        f"hydra.sweep.dir={tmp_path}/mr",
+    ]
     proc = run_cli(sweep, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summaries = _summaries(tmp_path)

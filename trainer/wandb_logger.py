@@ -101,7 +101,12 @@ def has_credentials(base_url: str | None = None) -> bool:
 
 
 def server_reachable(base_url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    parsed = urlparse(base_url or _base_url())
+    """A TCP connection to the server (or to the HTTPS proxy, if one is set) within ``timeout``."""
+    url = base_url or _base_url()
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy and urlparse(url).scheme == "https":
+        url = proxy if "://" in proxy else f"http://{proxy}"
+    parsed = urlparse(url)
     host = parsed.hostname
     if not host:
         return False
