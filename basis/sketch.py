@@ -27,9 +27,11 @@ class Sketch:
         """Return ``S @ rows`` for ``rows`` of shape (B, K), accumulated in ``rows``' dtype."""
         if self.dense is not None:
             return self.dense.to(rows.dtype) @ rows
-        out = rows.new_zeros(self.rank, rows.shape[1])
-        # index_add_ instead of a one-hot (rows × R) matrix: O(B·K) work and no B × R buffer.
-        return out.index_add_(0, self.h, rows * self.s.to(rows.dtype).unsqueeze(1))
+        # Rows with s = +1 go to bins [0, R), rows with s = -1 to bins [R, 2R); one index_add_
+        # then reads X once, with no signed B × K copy and no one-hot B × R matrix.
+        signed_bins = self.h + self.rank * (self.s < 0)
+        out = rows.new_zeros(2 * self.rank, rows.shape[1]).index_add_(0, signed_bins, rows)
+        return out[: self.rank] - out[self.rank :]
 
 
 def draw_sketch(

@@ -172,6 +172,7 @@ EVAL = {
     "batch_size": _int(1),
     "fixed_chunks": _int(1, optional=True),
     "fixed_batch_size": _int(1),
+    "fixed_every": _int(1),
 }
 CHECKPOINT = {"every": _int(1)}
 METHODS: dict[str, dict[str, Check]] = {

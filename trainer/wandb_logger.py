@@ -125,6 +125,7 @@ def make_logger(
     run_id: str,
     name: str,
     config: Mapping[str, Any],
+    tags: list[str] | None = None,
 ) -> Logger:
     if cfg["name"] == "none":
         return NullLogger()
@@ -147,13 +148,13 @@ def make_logger(
             entity=cfg["entity"],
             group=cfg["group"],
             name=name,
-            tags=list(cfg["tags"]),
+            tags=list(dict.fromkeys([*(tags or []), *cfg["tags"]])),
             config=dict(config),
             id=run_id,
             resume="allow",
             dir=str(run_dir),
             mode=mode,
-            settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
+            settings=wandb.Settings(console="off", silent=True, init_timeout=60),
         )
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,4 +165,8 @@ def make_logger(
             raise
         warn(f"W&B online init failed ({type(e).__name__}); logging offline")
         run = init("offline")
+        mode = "offline"
+    where = run_dir / "wandb"
+    hint = f"; upload later: wandb sync {where}/offline-run-*" if mode == "offline" else ""
+    print(f"W&B {mode}: run {run_id} in {where}{hint}", flush=True)
     return WandbLogger(run)
