@@ -55,19 +55,24 @@ def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, repeats: int, warmup: int):
-    fwd, bwd = [], []
+def time_fwd_bwd(
+    layers: list[nn.Module], x: torch.Tensor, dy: torch.Tensor, repeats: int, warmup: int
+) -> list[tuple[float, float]]:
+    """Median (forward, backward) seconds per layer, the layers timed in alternation so that
+    load from other processes on a shared machine hits every layer alike."""
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in layers]
     for i in range(warmup + repeats):
-        layer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        y = layer(x)
-        t1 = time.perf_counter()
-        y.backward(dy)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return statistics.median(fwd), statistics.median(bwd)
+        for layer, (fwd, bwd) in zip(layers, times, strict=True):
+            layer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            y = layer(x)
+            t1 = time.perf_counter()
+            y.backward(dy)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+    return [(statistics.median(f), statistics.median(b)) for f, b in times]
 
 
 def grad_quality(exact_grad: torch.Tensor, layer: BasisLinear, x, dy, draws: int):
@@ -77,7 +82,9 @@ def grad_quality(exact_grad: torch.Tensor, layer: BasisLinear, x, dy, draws: int
         layer(x).backward(dy)
         g = layer.weight.grad
         rel.append(float((g - exact_grad).norm() / exact_grad.norm()))
-        cos.append(float(torch.nn.functional.cosine_similarity(g.flatten(), exact_grad.flatten(), 0)))
+        cos.append(
+            float(torch.nn.functional.cosine_similarity(g.flatten(), exact_grad.flatten(), 0))
+        )
     return statistics.fmean(rel), statistics.fmean(cos)
 
 
@@ -87,9 +94,10 @@ def bench_shape(rows, n_in, n_out, args) -> list[dict]:
     repeats = max(3, args.repeats // 2) if big else args.repeats
     x = torch.randn(rows, n_in, requires_grad=True)
     # dY from a nonlinear head so it is correlated with X, as real gradients are.
-    dy = torch.tanh(x.detach() @ torch.randn(n_in, n_out) / n_in**0.5) + 0.1 * torch.randn(rows, n_out)
+    dy = torch.tanh(x.detach() @ torch.randn(n_in, n_out) / n_in**0.5) + 0.1 * torch.randn(
+        rows, n_out
+    )
     exact = nn.Linear(n_in, n_out)
-    ef, eb = time_fwd_bwd(exact, x, dy, repeats, args.warmup)
     esaved = saved_activation_bytes(exact, x)
     exact.zero_grad(set_to_none=True)
     exact(x).backward(dy)
@@ -97,7 +105,7 @@ def bench_shape(rows, n_in, n_out, args) -> list[dict]:
     out = []
     for rank in ranks_for(rows):
         layer = BasisLinear.from_linear(exact, rank=rank, lam=0.0)
-        bf, bb = time_fwd_bwd(layer, x, dy, repeats, args.warmup)
+        (ef, eb), (bf, bb) = time_fwd_bwd([exact, layer], x, dy, repeats, args.warmup)
         bsaved = saved_activation_bytes(layer, x)
         rel, cos = grad_quality(exact_grad, layer, x, dy, args.draws)
         out.append(
@@ -117,6 +125,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quick", action="store_true", help="only the two small (paper-size) shapes")
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="ROWS,N,M",
+        help="benchmark only this shape (repeatable)",
+    )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--draws", type=int, default=5, help="sketch draws for the error columns")
@@ -124,6 +138,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+            assert all(len(s) == 3 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            p.error(f"--shape takes ROWS,N,M with three positive integers, got {args.shape}")
     results = [r for shape in shapes for r in bench_shape(*shape, args)]
 
     checks = []
@@ -135,13 +155,17 @@ def main() -> None:
                 ("backward", r["bwd_ratio"], TARGETS["bwd"]),
                 ("saved bytes", r["saved_ratio"], bound),
             ]
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), device="cpu", dtype="fp32")
+    meta = dict(
+        torch=torch.__version__, threads=torch.get_num_threads(), device="cpu", dtype="fp32"
+    )
     if args.json:
         print(json.dumps(dict(meta=meta, results=results, targets=[
             dict(name=n, ratio=v, bound=b, ok=v <= b) for n, v, b in checks]), indent=1))  # fmt: skip
         return
     print(f"torch {meta['torch']}, {meta['threads']} threads, CPU fp32; ratios = BASIS / nn.Linear")
-    print("| rows | N → M | R | fwd ms (exact) | fwd × | bwd ms (exact) | bwd × | saved × | rel err | cosine |")
+    print(
+        "| rows | N → M | R | fwd ms (exact) | fwd × | bwd ms (exact) | bwd × | saved × | rel err | cosine |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
@@ -152,7 +176,9 @@ def main() -> None:
         )
     for name, value, bound in checks:
         verdict = "meets" if value <= bound else "MISSES"
-        print(f"target {name} at {TARGET_SHAPE}, R={TARGET_RANK}: {value:.4f} ≤ {bound:.4f}? {verdict}")
+        print(
+            f"target {name} at {TARGET_SHAPE}, R={TARGET_RANK}: {value:.4f} ≤ {bound:.4f}? {verdict}"
+        )
 
 
 if __name__ == "__main__":
