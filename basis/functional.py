@@ -108,7 +108,10 @@ class _BasisLinearFn(torch.autograd.Function):
                 dy_hat.mul_(invariant_scalar(dy32, dy_hat, eps) * coef)
             else:
                 dy_hat.mul_(coef)
-            dw = dy_hat.t() @ x_hat  # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ
+            if x_hat.shape[0] == 1:  # R = 1: an outer product; a K = 1 GEMM is as slow as K = B
+                dw = torch.outer(dy_hat[0], x_hat[0])
+            else:  # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ
+                dw = dy_hat.t() @ x_hat
             dw = dw.to(weight.dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 

@@ -205,13 +205,14 @@ def test_same_seed_same_gradient_and_seed_matters():
     assert not torch.allclose(g[0], g[2])
 
 
-def test_given_h_and_s_define_the_sketch():
+@pytest.mark.parametrize("rank", [1, 2])
+def test_given_h_and_s_define_the_sketch(rank):
     torch.manual_seed(7)
     x, w, dy = torch.randn(6, 3), torch.randn(2, 3), torch.randn(6, 2)
-    h = torch.tensor([0, 1, 0, 1, 0, 1])
+    h = torch.tensor([0, 1, 0, 1, 0, 1]) % rank
     s = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
-    _, dw, _ = _basis_grads(x, w, None, dy, rank=2, invariant_scalars=False, h=h, s=s)
-    S = torch.zeros(2, 6)
+    _, dw, _ = _basis_grads(x, w, None, dy, rank=rank, invariant_scalars=False, h=h, s=s)
+    S = torch.zeros(rank, 6)
     S[h, torch.arange(6)] = s
     torch.testing.assert_close(dw, (S @ dy).T @ (S @ x))
 
