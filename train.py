@@ -14,6 +14,8 @@ Read top to bottom: config and run directory, data, model, optimizer, resume, th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import sys
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from basis import apply_basis
+from basis import apply_basis, seed_sketches
 from data import DataError, TrainLoader, ValLoader, load_split, prepare_data
 from model import GPT, GPTConfig
 from trainer.checkpoint import (
@@ -36,7 +38,26 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import ConfigError, config_hash, validate
+from trainer.distributed import (
+    NullMetrics,
+    barrier,
+    cleanup,
+    env_info,
+    gather_to_main,
+    init_distributed,
+    mean_over_ranks,
+    rank_seed,
+    wrap_ddp,
+)
 from trainer.evaluate import evaluate
+from trainer.faults import (
+    JobFailed,
+    NonFiniteLoss,
+    check_free_space,
+    check_writable,
+    checkpoint_bytes,
+    remove_stale_temps,
+)
 from trainer.metrics import MetricsLog
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.run_dir import RunDir, git_commit, method_tag, resolve_run_dir, run_name
@@ -48,7 +69,7 @@ from trainer.runtime import (
     set_threads,
     synchronize,
 )
-from trainer.wandb_logger import make_logger, new_run_id
+from trainer.wandb_logger import NullLogger, make_logger, new_run_id
 
 VAL_KEYS = {"paper": "val_loss", "fixed": "val_loss_fixed"}
 
@@ -63,8 +84,15 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Run, resume or skip the run ``cfg`` describes; return its summary."""
     # ---- config and run directory -------------------------------------------------------------
     conf = validate(cfg)
+    # Under torchrun (trainer/distributed.py): every rank runs this function; rank 0 alone writes.
+    dist_info = init_distributed(pick_device(conf["device"]).type)
+    main_rank = dist_info.is_main
     run = RunDir(resolve_run_dir(conf))
     status = run.status(conf, conf["resume"])
+    barrier(dist_info)  # every rank has read the directory before rank 0 writes to it
+    if main_rank and status != "finished":
+        check_writable(run.path)
+        remove_stale_temps(run.checkpoint_dir)
     if status == "finished":
         summary = run.read_summary() or {}
         print(
@@ -78,6 +106,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     threads = set_threads(conf["threads"])
     keep_freed_memory()  # several ms per step on CPU at the paper's size; see its docstring
     device = pick_device(conf["device"])
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     autocast = autocast_context(device, conf["dtype"])
 
     # ---- data -----------------------------------------------------------------------------------
@@ -91,7 +121,13 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     val_tokens = load_split(data_dir, "val", vocab_size=vocab, verify=verify)
     T = tc["block_size"]
     train_loader = TrainLoader(
-        train_tokens, tc["batch_size"], T, order=tc["order"], seed=conf["seed"]
+        train_tokens,
+        tc["batch_size"],
+        T,
+        order=tc["order"],
+        seed=conf["seed"],
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
     )
     val_loaders = {}
     if "paper" in ec["protocols"]:
@@ -121,13 +157,24 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             hashing=mc["hashing"],
             seed=conf["seed"],
         )
+    own_seed = rank_seed(conf["seed"], dist_info.rank)
+    if dist_info.enabled:  # each rank its own dropout and sketches; rank 0 keeps the run seed's
+        seed_everything(own_seed % 2**32)  # numpy takes 32-bit seeds
+        seed_sketches(model, own_seed)
     model.to(device)
     optimizer = build_optimizer(model, conf["optim"], device.type)
+    if main_rank:
+        check_free_space(
+            run.path,
+            checkpoint_bytes(model, conf["optim"]["name"], conf["optim"].get("momentum", 0.0)),
+        )
 
     # ---- resume -----------------------------------------------------------------------------------
     step, tokens, elapsed_prev, train_time = 0, 0, 0.0, 0.0
     last: dict[str, float | None] = {"train_loss": None, "val_loss": None, "val_loss_fixed": None}
-    chash = config_hash(conf)
+    # A resumed run keeps the identity of its config.yaml as first written (newer code may have
+    # added keys since; see trainer.config.ADDED_KEYS); a fresh run's config.yaml is written below.
+    chash = config_hash((status == "resume" and run.read_config()) or conf)
     if status == "resume":
         ckpt_path = run.checkpoint()
         assert ckpt_path is not None
@@ -143,32 +190,49 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{ckpt_path} does not fit this model: {first}") from e
+        if dist_info.enabled:  # the sketch seeds came from rank 0's checkpoint; counters stay
+            seed_sketches(model, own_seed)
         train_loader.load_state_dict(state["train_loader"])
         for proto, loader in val_loaders.items():
             loader.load_state_dict(state["val_loaders"][proto])
-        restore_rng(state["rng"])
+        restore_rng(state["rng_ranks"][dist_info.rank] if dist_info.enabled else state["rng"])
         step, tokens = state["step"], state["tokens"]
         elapsed_prev, train_time = state["elapsed_s"], state["train_time_s"]
         last.update(state["last"])
+        skipped = state.get("skipped_steps", 0)
+        last_good = f"{ckpt_path} (step {step})"
         wandb_id = state["wandb_id"]
         print(f"{run.path}: resuming from step {step} ({ckpt_path.name})", flush=True)
     else:
-        run.write_config(conf)
+        if main_rank:
+            run.write_config(conf)
         wandb_id = new_run_id()
+        skipped, last_good = 0, "none (no checkpoint written yet)"
     # Rows past the checkpoint (or all rows, on a fresh start) are recomputed, never duplicated.
-    metrics = MetricsLog(run.metrics_path, keep_until_step=step if status == "resume" else -1)
+    metrics = (
+        MetricsLog(run.metrics_path, keep_until_step=step if status == "resume" else -1)
+        if main_rank
+        else NullMetrics()
+    )
     name = run_name(conf)
-    logger = make_logger(
-        conf["logger"],
-        run_dir=run.path,
-        run_id=wandb_id,
-        name=name,
-        config={**conf, "run_dir": str(run.path)},
-        tags=[conf["experiment_name"], method_tag(mc), f"seed{conf['seed']}"],
+    logger = (
+        NullLogger()
+        if not main_rank
+        else make_logger(
+            conf["logger"],
+            run_dir=run.path,
+            run_id=wandb_id,
+            name=name,
+            config={**conf, "run_dir": str(run.path)},
+            tags=[conf["experiment_name"], method_tag(mc), f"seed{conf['seed']}"],
+        )
     )
     fwd_model = torch.compile(model) if conf["compile"] else model
+    # Training steps go through DDP (gradient all-reduce); evaluation uses the bare model (rank 0).
+    ddp, step_model = wrap_ddp(model, fwd_model, device, dist_info, conf["compile"])
 
     def checkpoint_state() -> dict[str, Any]:
+        rng_ranks = gather_to_main(capture_rng(), dist_info)  # a collective: every rank calls it
         return {
             "step": step,
             "model": model.state_dict(),
@@ -182,9 +246,19 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             "last": dict(last),
             "wandb_id": wandb_id,
             "config_hash": chash,
+            "skipped_steps": skipped,
+            **({"rng_ranks": rng_ranks} if dist_info.enabled else {}),
         }
 
+    def save(path: Any) -> None:
+        state = checkpoint_state()
+        if main_rank:
+            save_checkpoint(path, state)
+        barrier(dist_info)
+
     def run_evals(protocols: list[str]) -> dict[str, float]:
+        if not main_rank:
+            return {}
         return {
             VAL_KEYS[p]: evaluate(fwd_model, v.eval_batches(), device=device, autocast=autocast)
             for p, v in val_loaders.items()
@@ -202,11 +276,11 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         f"{device} x{threads} threads | steps {step} -> {steps}",
         flush=True,
     )
-    tokens_per_step = tc["batch_size"] * T * tc["grad_accum"]
+    tokens_per_step = tc["batch_size"] * dist_info.world_size * T * tc["grad_accum"]
     stop_at = tc["stop_at"] or steps
     t_start = time.perf_counter()
     window_loss = torch.zeros((), device=device)  # summed on device: no host sync per step
-    window_steps, window_time = 0, 0.0
+    window_steps, window_time, window_skipped = 0, 0.0, 0
     progress = _progress_bar(conf["progress"], step, steps)
     model.train()
     try:
@@ -215,23 +289,40 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             last.update(row)
             metrics.write(row)
             logger.log(row, step=0)
+            barrier(dist_info)
         while step < stop_at:
             step += 1
             lr = lr_at(step, conf["optim"], steps)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            for _ in range(tc["grad_accum"]):
+            for micro in range(tc["grad_accum"]):
                 x, y = train_loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    _, loss = fwd_model(x, y)
-                # Dividing by 1 would be a no-op op per step; skip it in the paper's setting.
-                (loss if tc["grad_accum"] == 1 else loss / tc["grad_accum"]).backward()
+                # Under DDP, all-reduce the gradients once per step, after the last micro-batch.
+                last_micro = micro == tc["grad_accum"] - 1
+                with contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync():
+                    with autocast:
+                        _, loss = step_model(x, y)
+                    # Dividing by 1 would be a no-op op per step; skip it in the paper's setting.
+                    (loss if tc["grad_accum"] == 1 else loss / tc["grad_accum"]).backward()
                 step_loss += loss.detach()
-            if conf["optim"]["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), conf["optim"]["grad_clip"])
-            optimizer.step()
+            mean_over_ranks(step_loss, dist_info)  # every rank logs and decides on the same loss
+            # One host sync per step (free on CPU; with log_every=1 it happens anyway): a NaN must
+            # be caught before the optimizer writes it into the weights.
+            finite = bool(torch.isfinite(step_loss))
+            if finite:
+                if conf["optim"]["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), conf["optim"]["grad_clip"])
+                optimizer.step()
+            elif tc["on_nan"] == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite training loss ({float(step_loss) / tc['grad_accum']}) at step "
+                    f"{step}; stopped before updating the weights; last good checkpoint: "
+                    f"{last_good} (rerun to resume from it, or add train.on_nan=skip)"
+                )
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             tokens += tokens_per_step
             evals = due_evals(step)
@@ -242,14 +333,23 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             train_time += dt
             window_time += dt
             window_steps += 1
-            window_loss += step_loss
+            if finite:
+                window_loss += step_loss
+            else:
+                window_skipped += 1
 
             if is_log:
                 train_loss = float(step_loss) / tc["grad_accum"]
                 row = {"step": step, "train_loss": train_loss}
-                if log_every > 1:  # the batch-1 loss is noisy; also log the window's mean
-                    row["train_loss_avg"] = float(window_loss) / tc["grad_accum"] / window_steps
+                if log_every > 1 and window_steps > window_skipped:  # batch-1 loss is noisy
+                    row["train_loss_avg"] = (
+                        float(window_loss) / tc["grad_accum"] / (window_steps - window_skipped)
+                    )
+                if tc["on_nan"] == "skip" or skipped:
+                    row["skipped_steps"] = skipped
                 row.update(run_evals(evals))
+                if evals:
+                    barrier(dist_info)  # the other ranks wait while rank 0 evaluates
                 row.update(
                     lr=lr,
                     tokens=tokens,
@@ -264,12 +364,13 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                 if evals:
                     _print_eval(progress, row, steps, window_time / max(window_steps, 1))
                 window_loss.zero_()
-                window_steps, window_time = 0, 0.0
+                window_steps, window_time, window_skipped = 0, 0.0, 0
             if progress is not None:
                 progress.update(1)
             # The last step gets final.pt below instead.
             if (step % conf["checkpoint"]["every"] == 0 or step == stop_at) and step < steps:
-                save_checkpoint(run.latest_path, checkpoint_state())
+                save(run.latest_path)
+                last_good = f"{run.latest_path} (step {step})"
     finally:
         if progress is not None:
             progress.close()
@@ -285,8 +386,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         return {"finished": False, "steps": step}
 
     # ---- the end: final checkpoint, then summary.json (which marks the run finished) ------------
-    save_checkpoint(run.final_path, checkpoint_state())
-    run.latest_path.unlink(missing_ok=True)
+    save(run.final_path)
+    if main_rank:
+        run.latest_path.unlink(missing_ok=True)
     wall = elapsed_prev + time.perf_counter() - t_start
     summary = {
         "finished": True,
@@ -313,8 +415,13 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "git_commit": git_commit(),
         "config_hash": chash,
         "wandb_id": wandb_id,
+        "skipped_steps": skipped,
+        "world_size": dist_info.world_size,
+        "global_batch_size": tc["batch_size"] * dist_info.world_size * tc["grad_accum"],
     }
-    run.write_summary(summary)
+    if main_rank:
+        run.write_summary(summary)
+    barrier(dist_info)
     logger.summary(summary)
     logger.finish()
     print(
@@ -358,7 +465,7 @@ def _progress_bar(setting: str | bool, initial: int, total: int) -> Any:
 
 
 # What a user can cause and fix: reported as one line, never as a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, OSError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss, ValueError, OSError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -377,17 +484,41 @@ def _one_line(e: BaseException) -> str:
 def _exit_with(e: BaseException) -> None:
     if os.environ.get("BASIS_TRACEBACK"):
         raise e
-    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    # Under torchrun each rank reports (an error may be one rank's own), naming itself if not 0.
+    rank = env_info().rank
+    print(f"error: {f'rank {rank}: ' if rank else ''}{_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _multirun_job() -> str | None:
+    """``job N`` inside a Hydra multirun (Hydra's next line names its overrides), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return f"job {HydraConfig.get().job.num}"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Ranks other than 0 run silently (their stdout would repeat rank 0's).
+    quiet = env_info().is_main is False
     try:
-        train(cfg)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            train(cfg)
     except USER_ERRORS as e:
+        job = _multirun_job()
+        if job is not None and not os.environ.get("BASIS_TRACEBACK"):
+            # sys.exit in a sweep worker would end the whole sweep; a plain exception fails
+            # this job only, and Hydra raises it once the other jobs of the batch have run.
+            line = f"{job}: {_one_line(e)}"
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            raise JobFailed(line) from None
         # Raised here, Hydra would print its own report first; SystemExit passes through it.
         _exit_with(e)
+    finally:
+        cleanup()
 
 
 def cli() -> None:
@@ -402,7 +533,7 @@ def cli() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-    except (HydraException, OmegaConfBaseException, *USER_ERRORS) as e:
+    except (HydraException, OmegaConfBaseException, JobFailed, *USER_ERRORS) as e:
         _exit_with(e)
     except KeyboardInterrupt:
         print(

@@ -108,10 +108,9 @@ class _BasisLinearFn(torch.autograd.Function):
                 dy_hat.mul_(invariant_scalar(dy32, dy_hat, eps) * coef)
             else:
                 dy_hat.mul_(coef)
-            if x_hat.shape[0] == 1:  # R = 1: an outer product; a K = 1 GEMM is as slow as K = B
-                dw = torch.outer(dy_hat[0], x_hat[0])
-            else:  # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ
-                dw = dy_hat.t() @ x_hat
+            # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ; at R = 1 an outer product,
+            # since a GEMM with inner dimension 1 costs as much as the exact one.
+            dw = torch.outer(dy_hat[0], x_hat[0]) if len(x_hat) == 1 else dy_hat.t() @ x_hat
             dw = dw.to(weight.dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 

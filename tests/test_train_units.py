@@ -67,6 +67,14 @@ def test_identity_ignores_how_a_run_executes() -> None:
     assert config_hash(a) != config_hash(c)
 
 
+def test_run_dirs_from_before_a_new_key_still_match() -> None:
+    current = conf()
+    saved = json.loads(json.dumps(current))
+    del saved["eval"]["fixed_every"]  # written by code that evaluated both protocols together
+    assert identity_diff(saved, conf("eval.fixed_every=1000")) == []
+    assert identity_diff(saved, current) == ["eval.fixed_every: 1000 -> 5000"]
+
+
 def test_validation_errors_are_single_lines() -> None:
     with pytest.raises(ConfigError, match=r"^train.stop_at=60000 is beyond train.steps=50000$"):
         conf("train.stop_at=60000")

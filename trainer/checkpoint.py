@@ -9,6 +9,7 @@ loader positions, the W&B run id and the config hash.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from trainer.atomic import atomic_file
+from trainer.faults import fault_pause
 
 FORMAT = "basis-train-checkpoint/1"
 
@@ -26,19 +28,41 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` so that ``path`` is always either the old or the new file."""
-    with atomic_file(path, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    try:
+        with atomic_file(path, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            fault_pause()
+    except OSError as e:  # e.g. disk full: the temp file is gone, the old checkpoint is intact
+        raise CheckpointError(
+            f"cannot write checkpoint {path} ({e.strerror or e}); the previous one is kept"
+        ) from e
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise on top of the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, tampered or not a checkpoint at all
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(e)}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of format {FORMAT}")
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text:
+        # torch's message is a paragraph of advice to load with weights_only=False: the one
+        # thing not to do with a file that may have been altered. Keep only the cause.
+        cause = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0]
+        return (
+            f"refused by torch.load(weights_only=True) ({cause.strip()[:120]}); it is not a "
+            "checkpoint written by train.py, or it was altered"
+        )
+    if isinstance(e, EOFError) or not text:
+        return "the file is empty or truncated"
+    return text[:200]
 
 
 def capture_rng() -> dict[str, Any]:

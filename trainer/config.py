@@ -6,6 +6,7 @@ Hydra already rejects overrides of keys that do not exist; this adds the checks 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -163,6 +164,7 @@ TRAIN = {
     "order": _choice("sequential", "random"),
     "log_every": _int(1),
     "stop_at": _int(1, optional=True),
+    "on_nan": _choice("stop", "skip"),
 }
 EVAL = {
     "every": _int(1),
@@ -316,6 +318,7 @@ NOT_IDENTITY = (
     "compile",
     "logger",
     "train.stop_at",
+    "train.on_nan",  # so a run stopped by a NaN can resume with on_nan=skip
     "data.dir",
     "data.verify",
     "data.num_proc",
@@ -336,6 +339,30 @@ def identity(conf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Identity keys added after runs were already made, each with the value that reproduces what the
+# older code did. A saved config.yaml without the key gets that value before comparing, so an
+# older run directory still resumes (or is skipped when finished) under newer code. Add an entry
+# here whenever a new key would otherwise change the identity of existing runs.
+ADDED_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "eval.fixed_every": lambda conf: conf["eval"]["every"],
+}
+
+
+def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with every missing key of ``ADDED_KEYS`` filled in with its legacy value."""
+    out = json.loads(json.dumps(saved))
+    for dotted, legacy in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            # too old to say: the key stays absent and the comparison reports it
+            with contextlib.suppress(KeyError, TypeError):
+                node[leaf] = legacy(out)
+    return out
+
+
 def config_hash(conf: Mapping[str, Any]) -> str:
     blob = json.dumps(identity(conf), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -351,8 +378,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for each identity key that differs (``<absent>`` when missing)."""
-    a, b = _flatten(identity(old)), _flatten(identity(new))
+    """``key: old -> new`` for each identity key that differs (``<absent>`` when missing).
+
+    ``old`` is a saved config: keys added since it was written take their legacy values."""
+    a, b = _flatten(identity(upgrade(old))), _flatten(identity(new))
     missing = "<absent>"
     return [
         f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
