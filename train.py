@@ -4,6 +4,9 @@
     python train.py method=basis method.rank=32       # the same with BASIS on MLP + head
     python train.py experiment=demo method=basis method.rank=1 logger=none
     python train.py -m method=basis method.rank=1,8,32 seed=1,2,3   # a Hydra multirun
+    torchrun --nproc_per_node=2 train.py experiment=smoke   # DDP (trainer/distributed.py)
+
+Under torchrun the global batch is train.batch_size x ranks x train.grad_accum rows.
 
 The run directory (runs/<experiment>/<method tag>-s<seed>) is derived from the config, so the
 same command resumes an unfinished run bit-identically and skips a finished one. Everything the
