@@ -24,6 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory_report import saved_bytes_by_module  # noqa: E402  (scripts/ is on sys.path)
+
 from basis import BasisLinear  # noqa: E402
 
 SHAPES = [(64, 64, 256), (64, 64, 50257), (8192, 768, 3072), (8192, 3072, 768)]
@@ -40,19 +42,9 @@ def ranks_for(rows: int) -> list[int]:
 
 
 def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    del y
-    return sum(seen.values())
+    saved, out = saved_bytes_by_module(layer, lambda: layer(x))
+    del out  # frees the graph and what it saved
+    return sum(saved.per_module.values())
 
 
 def time_fwd_bwd(
