@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from . import gemm
 from .sketch import HASHINGS, Sketch, draw_sketch, invariant_scalar
 
 _SEED_BOUND = 2**62
@@ -63,7 +63,7 @@ class _BasisLinearFn(torch.autograd.Function):
         ctx, x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s
     ):
         # Step 1: the forward output is the exact linear map (bias outside the sketched product).
-        y = F.linear(x, weight, bias)
+        y = gemm.linear(x, weight, bias)
 
         rows = x.reshape(-1, x.shape[-1]).float()  # norms and sums in fp32, whatever x's dtype
         sketch = _sketch_for(rows.shape[0], rank, hashing, seed, h, s, x.device)
@@ -93,7 +93,7 @@ class _BasisLinearFn(torch.autograd.Function):
 
         # Step 1: dX = dY W, exact — error propagation is never approximated.
         if ctx.needs_input_grad[0]:
-            dx = (dy @ weight.to(dy.dtype)).to(ctx.x_dtype)
+            dx = gemm.input_grad(dy, weight.to(dy.dtype)).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy_rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.needs_input_grad[1]:
@@ -171,7 +171,7 @@ def basis_linear(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     rows = x.numel() // max(x.shape[-1], 1)
     if not (torch.is_grad_enabled() and weight.requires_grad) or rows == 0:
-        return F.linear(x, weight, bias)
+        return gemm.fast_linear(x, weight, bias)
     _check_given_sketch(h, s, rows, min(rank, rows), hashing)
     seed = None
     if h is None:

@@ -7,10 +7,10 @@ import zlib
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .functional import basis_linear, check_settings
+from .gemm import Linear, fast_linear
 
 _MASK64 = (1 << 64) - 1
 
@@ -30,11 +30,11 @@ def layer_seed(seed: int, name: str) -> int:
     return mix_seed(seed, zlib.crc32(name.encode()))
 
 
-class BasisLinear(nn.Linear):
+class BasisLinear(Linear):
     """``nn.Linear`` whose weight gradient is estimated by BASIS in training mode.
 
     Same parameters (``weight``, ``bias``) and attributes as ``nn.Linear``; in eval mode or without
-    autograd it is exactly ``nn.Linear``. Call ``i`` of this layer draws its sketch from
+    autograd it is the exact linear map (``basis.gemm.Linear``). Call ``i`` of this layer draws its sketch from
     ``mix_seed(seed, i)``: the counter lives in the state dict, so a model restored from a
     checkpoint continues the very sketch stream an uninterrupted run would have drawn, and the
     global torch RNG is never touched (exact and BASIS runs stay paired).
@@ -80,7 +80,7 @@ class BasisLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return F.linear(x, self.weight, self.bias)
+            return fast_linear(x, self.weight, self.bias)
         return self._sketched(x)
 
     @torch.compiler.disable  # the per-call generator and counter are host-side state
@@ -113,10 +113,11 @@ class BasisLinear(nn.Linear):
         )
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``apply_basis`` may swap ``module``: a linear layer whose own forward is called."""
     # Exact types only: nn.Linear subclasses such as MultiheadAttention's out_proj are called
     # through their weight by the parent, so swapping them would silently change nothing.
-    return type(module) in (nn.Linear, BasisLinear)
+    return type(module) in (nn.Linear, Linear, BasisLinear)
 
 
 def apply_basis(
@@ -140,7 +141,7 @@ def apply_basis(
     if not patterns:
         raise ValueError("patterns is empty: name at least one layer glob, e.g. 'lm_head'")
     check_settings(rank, lam, scale, eps, invariant_scalars, hashing)
-    linears = [name for name, m in model.named_modules() if name and _is_plain_linear(m)]
+    linears = [name for name, m in model.named_modules() if name and is_plain_linear(m)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in linears)]
     if unmatched:
         shown = ", ".join(linears[:6]) + (", ..." if len(linears) > 6 else "")

@@ -86,3 +86,25 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if n < 2:
         return mean, math.nan
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def mean_se(values: Sequence[float], blocks: int = 20) -> tuple[float, float]:
+    """Mean and its standard error, the larger of the i.i.d. estimate and the batch-means one.
+
+    Neighbouring validation chunks are consecutive text, so their losses are correlated and the
+    i.i.d. formula sd/√n can understate the error; the means of ``blocks`` contiguous blocks are
+    close to independent, and sd(block means)/√blocks does not assume independence of chunks.
+    """
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"a standard error needs at least 2 values, got {n}")
+    mean, sd = mean_std(values)
+    se = sd / math.sqrt(n)
+    k = min(blocks, n // 2)
+    if k >= 2:
+        edges = [round(i * n / k) for i in range(k + 1)]
+        block_means = [
+            sum(values[a:b]) / (b - a) for a, b in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        se = max(se, mean_std(block_means)[1] / math.sqrt(k))
+    return mean, se

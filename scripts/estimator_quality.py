@@ -46,6 +46,7 @@ from _common import (
 from torch import nn
 
 from basis import basis_linear, mix_seed
+from basis.layer import is_plain_linear
 from model.gpt import GPT, GPTConfig
 
 PROG = "estimator_quality.py"
@@ -389,7 +390,7 @@ def _layer_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     names = [
         n
         for n, m in model.named_modules()
-        if type(m) is nn.Linear and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+        if is_plain_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in patterns)
     ]
     if not names:
         raise UsageError(f"no linear layer matches {', '.join(patterns)}")

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import UsageError, fail, md_table, mean_std, parse_int_list
+from _common import UsageError, fail, md_table, mean_se, mean_std, parse_int_list
 
 PROG = "report.py"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+FIXED_EVAL = "fixed_eval.json"  # written by scripts/eval_fixed.py
 SKIP_DIRS = {"checkpoints", "wandb", "__pycache__", ".git"}
 MAX_DEPTH = 4
 
@@ -73,6 +74,7 @@ class Run:
     curves: dict[str, list[tuple[int, float]]]  # "val_loss" / "val_loss_fixed" -> (step, value)
     rows_per_call: int | None  # batch_size · block_size: the rows a sketched layer sees
     mtime: float = 0.0
+    fixed_chunks: list[float] | None = None  # per-chunk final losses (scripts/eval_fixed.py)
     problems: list[str] = field(default_factory=list)
 
 
@@ -173,7 +175,25 @@ def read_run(path: Path) -> Run:
     if torn:
         problems.append(f"{torn} unreadable line(s) in metrics.jsonl")
     mtime = max((p.stat().st_mtime for p in path.iterdir() if p.is_file()), default=0.0)
-    return _make_run(str(path), config, summary, rows, problems, mtime, path.name, path.parent.name)
+    run = _make_run(str(path), config, summary, rows, problems, mtime, path.name, path.parent.name)
+    run.fixed_chunks = _read_fixed_chunks(path / FIXED_EVAL, problems)
+    return run
+
+
+def _read_fixed_chunks(path: Path, problems: list[str]) -> list[float] | None:
+    if not path.is_file():
+        return None
+    try:
+        chunks = json.loads(path.read_text()).get("per_chunk")
+    except (OSError, ValueError, AttributeError):
+        chunks = None
+    if not isinstance(chunks, list) or len(chunks) < 2:
+        problems.append(f"{FIXED_EVAL} unreadable")
+        return None
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in chunks):
+        problems.append(f"{FIXED_EVAL} holds non-finite losses")
+        return None
+    return [float(v) for v in chunks]
 
 
 def _make_run(
@@ -366,6 +386,8 @@ def _final(run: Run, key: str) -> float | None:
 
 
 def _se(run: Run) -> float | None:
+    if run.fixed_chunks:
+        return mean_se(run.fixed_chunks)[1]
     for key in ("final_val_loss_fixed_se", "final_val_loss_fixed_stderr", "val_loss_fixed_se"):
         if isinstance(run.summary.get(key), int | float):
             return float(run.summary[key])
@@ -407,12 +429,28 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
                 ]
                 mean, std = mean_std(diffs)
                 entry[f"d_{name}"] = {"mean": mean, "std": std, "n": len(diffs)}
+        if tag != "exact":
+            entry["d_val_fixed"]["se"] = _paired_se(finished, exact)
         ses = [se for se in (_se(r) for r in finished.values()) if se is not None]
         entry["val_fixed"]["se"] = sum(ses) / len(ses) if ses else None
         ms = [v for v in (_final(r, "ms_per_step") for r in finished.values()) if v is not None]
         entry["ms_per_step"] = mean_std(ms)[0] if ms else None
         rows.append(entry)
     return rows
+
+
+def _paired_se(runs: dict[int | None, Run], exact: dict[int | None, Run]) -> float | None:
+    """Evaluation-set SE of the mean paired Δ on the fixed set: per seed, the SE of the per-chunk
+    differences to exact; over n seeds, sqrt(Σ SE²) / n. None unless every pair has chunks."""
+    ses = []
+    for seed, run in runs.items():
+        if seed not in exact:
+            continue
+        a, b = exact[seed].fixed_chunks, run.fixed_chunks
+        if not a or not b or len(a) != len(b):
+            return None
+        ses.append(mean_se([y - x for x, y in zip(a, b, strict=True)])[1])
+    return math.sqrt(sum(se * se for se in ses)) / len(ses) if ses else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +466,13 @@ def _pm(stat: dict[str, Any] | None, signed: bool = False, with_n: bool = False)
         text += f" ± {stat['std']:.3f}"
     if with_n:
         text += f" (n={stat['n']})"
+    return text
+
+
+def _d_fixed(stat: dict[str, Any] | None) -> str:
+    text = _pm(stat, signed=True, with_n=True)
+    if stat and stat["n"] and stat.get("se") is not None:
+        text = text[:-1] + f"; SE {stat['se']:.3f})"
     return text
 
 
@@ -454,7 +499,7 @@ def render_table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
                 _pm(e["val"]),
                 fixed,
                 "–" if e["tag"] == "exact" else _pm(e.get("d_val"), signed=True, with_n=True),
-                "–" if e["tag"] == "exact" else _pm(e.get("d_val_fixed"), signed=True, with_n=True),
+                "–" if e["tag"] == "exact" else _d_fixed(e.get("d_val_fixed")),
                 f"{paper[0]:.3f}" if paper else "–",
                 f"{paper[1]:.3f}" if paper else "–",
                 f"{e['ms_per_step']:.1f}" if e["ms_per_step"] else "–",
@@ -494,11 +539,18 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
         out.append("")
         out.append(render_table(exp, rows))
         out.append("")
-        if not any(e["val_fixed"].get("se") is not None for e in rows):
+        if any(e["val_fixed"].get("se") is not None for e in rows):
             out.append(
-                "The runs record no per-token standard error for the fixed set, so none is shown."
+                "SE: the standard error due to the finite fixed set (scripts/eval_fixed.py's "
+                "per-chunk losses; the larger of the i.i.d. and the 20-block batch-means estimate, "
+                "since neighbouring chunks are correlated), for Δ that of the paired per-chunk "
+                "differences. It is evaluation noise only; seed-to-seed variation is the ± std."
             )
-            out.append("")
+        else:
+            out.append(
+                "No per-chunk fixed-set losses (scripts/eval_fixed.py), so no standard error."
+            )
+        out.append("")
         for fig in figures.get(exp.name, []):
             out.append(f"![validation loss]({fig})")
             out.append("")

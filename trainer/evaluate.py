@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,3 +33,30 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluation got no batches")
     return total / n
+
+
+@torch.no_grad()
+def chunk_losses(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    autocast: AbstractContextManager,
+) -> list[float]:
+    """Each chunk's mean token loss, in order: what standard errors and paired differences need."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        for x, y in batches:
+            with autocast:
+                logits, _ = model(x.to(device), y.to(device))
+            per_token = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                y.to(device).reshape(-1),
+                reduction="none",
+            )
+            out.extend(per_token.view(y.shape).mean(dim=-1).tolist())
+    finally:
+        model.train(was_training)
+    return out
