@@ -369,3 +369,25 @@ def test_sketch_error_shrinks_with_rank():
         errs.append(float(((dws - ew).flatten(1).norm(dim=1) / ew.norm()).mean()))
     assert errs[0] > errs[1] > errs[2]
     assert math.isfinite(errs[0])
+
+
+@pytest.mark.parametrize("hashing", ["balanced", "uniform"])
+@pytest.mark.parametrize("rows,rank", [(50, 1), (50, 3), (50, 8), (7, 7), (64, 32)])
+def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
+    """S X by the CPU sparse product, the index_add_ path other devices take and the R = 1
+    vector product all equal the dense ±1 matrix S (R × B) times X, in fp32 and fp64."""
+    gen = torch.Generator().manual_seed(rows * 100 + rank)
+    sketch = draw_sketch(rows, rank, hashing, gen, torch.device("cpu"))
+    dense = torch.zeros(sketch.rank, rows, dtype=torch.float64)
+    dense[sketch.h, torch.arange(rows)] = sketch.s.double()
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(rows, 11, generator=gen, dtype=dtype)
+        want = (dense @ x.double()).to(dtype)
+        torch.testing.assert_close(sketch.apply(x), want)
+        torch.testing.assert_close(sketch._index_add(x), want)
+        if sketch.rank > 1:
+            torch.testing.assert_close(torch.sparse.mm(sketch._csr(rows, dtype), x), want)
+    gaussian = draw_sketch(rows, rank, "gaussian", gen, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the sums stay in the rows' fp32
+        x = torch.randn(rows, 11, generator=gen)
+        assert sketch.apply(x).dtype == gaussian.apply(x).dtype == torch.float32

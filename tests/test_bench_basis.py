@@ -25,6 +25,8 @@ def test_bench_json_on_a_small_shape():
         assert r["saved_bytes"] == r["rank"] * 16 * 4
         assert r["exact_saved_bytes"] == 128 * 16 * 4
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+        assert r["same_fwd_ms"] > 0 and r["same_bwd_ms"] > 0  # the oneDNN-backed exact layer
+        assert r["fwd_ratio_same"] == pytest.approx(r["fwd_ms"] / r["same_fwd_ms"])
     errors = [r["rel_error"] for r in rows]
     assert errors[0] > errors[1] > errors[2]  # more rank, less error
 
