@@ -102,12 +102,13 @@ class _BasisLinearFn(torch.autograd.Function):
             sketch = _sketch_for(dy32.shape[0], rank, hashing, seed, h, s, dy.device)
             # Step 2: dỸ = S dY with the same h and s as the forward; γ_dY rescales its norm.
             dy_hat = sketch.apply(dy32)
-            # Step 3 and 4 folded into one scalar: (1−λ) on X̂ and on dŶ, times `scale`.
+            # Step 3 and 4 folded into one scalar: (1−λ) on X̂ and on dŶ, times `scale`. It
+            # multiplies the small X̂ (R × N) rather than dŶ (R × M, 50,257 wide at the head).
             coef = scale * (1.0 - lam) ** 2
             if invariant_scalars:
-                dy_hat.mul_(invariant_scalar(dy32, dy_hat, eps) * coef)
+                x_hat = x_hat * (invariant_scalar(dy32, dy_hat, eps) * coef)
             else:
-                dy_hat.mul_(coef)
+                x_hat = x_hat * coef
             # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ; at R = 1 an outer product,
             # since a GEMM with inner dimension 1 costs as much as the exact one.
             dw = torch.outer(dy_hat[0], x_hat[0]) if len(x_hat) == 1 else dy_hat.t() @ x_hat

@@ -66,7 +66,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() >= 1
-        and x.numel() * weight.shape[0] >= MIN_MACS
+        and x.numel() // max(x.shape[-1], 1) * weight.numel() >= MIN_MACS  # rows · M · N
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and onednn_available()

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 HASHINGS = ("balanced", "uniform", "gaussian")
+# Below this many elements (64 × 2,048) building the CSR matrix costs more than index_add_'s
+# extra pass: 0.048 vs 0.034 ms at 64 × 64; at 64 × 50,257 the CSR product wins 0.44 vs 2.2 ms.
+_CSR_MIN_NUMEL = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,11 @@ class Sketch:
                 return self.dense.to(rows.dtype) @ rows
             if self.rank == 1:  # one signed sum of all rows: a matrix-vector product
                 return (self.s.to(rows.dtype) @ rows).unsqueeze(0)
-            if device == "cpu" and rows.dtype in (torch.float32, torch.float64):
+            if (
+                device == "cpu"
+                and rows.dtype in (torch.float32, torch.float64)
+                and rows.numel() >= _CSR_MIN_NUMEL
+            ):
                 return torch.sparse.mm(self._csr(rows.shape[0], rows.dtype), rows)
             return self._index_add(rows)
 

@@ -387,6 +387,9 @@ def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
         torch.testing.assert_close(sketch._index_add(x), want)
         if sketch.rank > 1:
             torch.testing.assert_close(torch.sparse.mm(sketch._csr(rows, dtype), x), want)
+        # wide enough that apply() itself takes the CSR product
+        wide = torch.randn(rows, (1 << 17) // rows + 1, generator=gen, dtype=dtype)
+        torch.testing.assert_close(sketch.apply(wide), (dense @ wide.double()).to(dtype))
     gaussian = draw_sketch(rows, rank, "gaussian", gen, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the sums stay in the rows' fp32
         x = torch.randn(rows, 11, generator=gen)

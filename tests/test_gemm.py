@@ -73,6 +73,8 @@ def test_small_products_stay_on_f_linear(op_calls):
     x, w, b, dy = _inputs(*SMALL)
     y_ref, g_ref = _grads(F.linear, x, w, b, dy)
     y, g = _grads(gemm.fast_linear, x, w, b, dy)
+    with torch.no_grad():  # the input gradient on its own, as BASIS layers call it
+        assert torch.equal(gemm.input_grad(dy, w), dy @ w)
     assert op_calls == []
     assert torch.equal(y, y_ref)
     assert all(torch.equal(a, b) for a, b in zip(g, g_ref, strict=True))
