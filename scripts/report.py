@@ -529,7 +529,8 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
         "mean ± std over the n seeds both have. Paper: spec §2, Table 3 (one seed, FineWeb-edu, "
         'each row from a different initialisation). "val, paper protocol" is the mean over the '
         'next 30 chunks of a rolling validation stream; "val, fixed set" the same held-out '
-        "chunks at every evaluation."
+        "chunks at every evaluation. ms/step: the runs' own training time per step (their "
+        "summary.json), which depends on what else the machine was running."
     )
     out.append("")
     for exp in experiments:
