@@ -52,7 +52,7 @@ from trainer.distributed import (
     rank_seed,
     wrap_ddp,
 )
-from trainer.evaluate import evaluate
+from trainer.evaluate import chunk_losses, evaluate
 from trainer.faults import (
     JobFailed,
     NonFiniteLoss,
@@ -72,6 +72,7 @@ from trainer.runtime import (
     set_threads,
     synchronize,
 )
+from trainer.stats import fixed_eval_record
 from trainer.wandb_logger import NullLogger, make_logger, new_run_id
 
 VAL_KEYS = {"paper": "val_loss", "fixed": "val_loss_fixed"}
@@ -259,14 +260,25 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             save_checkpoint(path, state)
         barrier(dist_info)
 
-    def run_evals(protocols: list[str]) -> dict[str, float]:
+    final_fixed: list[float] = []  # the fixed set's per-chunk losses at the last step
+
+    def run_evals(protocols: list[str], final: bool = False) -> dict[str, float]:
         if not main_rank:
             return {}
-        return {
-            VAL_KEYS[p]: evaluate(fwd_model, v.eval_batches(), device=device, autocast=autocast)
-            for p, v in val_loaders.items()
-            if p in protocols
-        }
+        out = {}
+        for p, v in val_loaders.items():
+            if p not in protocols:
+                continue
+            if p == "fixed" and final:  # per chunk, for its standard error (fixed_eval.json)
+                final_fixed[:] = chunk_losses(
+                    fwd_model, v.eval_batches(), device=device, autocast=autocast
+                )
+                out[VAL_KEYS[p]] = sum(final_fixed) / len(final_fixed)
+            else:
+                out[VAL_KEYS[p]] = evaluate(
+                    fwd_model, v.eval_batches(), device=device, autocast=autocast
+                )
+        return out
 
     def due_evals(step: int) -> list[str]:
         every = {"paper": ec["every"], "fixed": ec["fixed_every"]}
@@ -350,7 +362,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                     )
                 if tc["on_nan"] == "skip" or skipped:
                     row["skipped_steps"] = skipped
-                row.update(run_evals(evals))
+                row.update(run_evals(evals, final=step == steps))
                 if evals:
                     barrier(dist_info)  # the other ranks wait while rank 0 evaluates
                 row.update(
@@ -422,6 +434,11 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "world_size": dist_info.world_size,
         "global_batch_size": tc["batch_size"] * dist_info.world_size * tc["grad_accum"],
     }
+    if len(final_fixed) >= 2:
+        record = fixed_eval_record(final_fixed, step=steps, block_size=T)
+        summary["final_val_loss_fixed_se"] = record["se"]
+        if main_rank:
+            run.write_fixed_eval({"run": run.path.name, **record})
     if main_rank:
         run.write_summary(summary)
     barrier(dist_info)

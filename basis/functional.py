@@ -157,7 +157,8 @@ def basis_linear(
 
     ``h`` (bin ids) and ``s`` (±1 signs) fix the sketch; otherwise it is drawn from ``generator``
     (torch's default generator when None) and regenerated in backward from one saved seed.
-    Without autograd (no_grad, inference, frozen weight) this is exactly ``F.linear``.
+    Without autograd (no_grad, inference, frozen weight) this is the exact map
+    (``basis.gemm.fast_linear``: ``F.linear``, or oneDNN for large CPU products).
     """
     check_settings(rank, lam, scale, eps, invariant_scalars, hashing)
     if weight.dim() != 2:

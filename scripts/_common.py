@@ -6,7 +6,6 @@ loops and CI see a usage error rather than a traceback.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import NoReturn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from trainer.stats import mean_se, mean_std  # noqa: E402, F401  (the scripts' statistics)
 
 # The layers BASIS sketches in the paper (spec §2): the MLP's FC and Proj and the output head.
 PAPER_LAYERS: tuple[str, ...] = (
@@ -75,36 +76,3 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (nan for fewer than two values)."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-def mean_se(values: Sequence[float], blocks: int = 20) -> tuple[float, float]:
-    """Mean and its standard error, the larger of the i.i.d. estimate and the batch-means one.
-
-    Neighbouring validation chunks are consecutive text, so their losses are correlated and the
-    i.i.d. formula sd/√n can understate the error; the means of ``blocks`` contiguous blocks are
-    close to independent, and sd(block means)/√blocks does not assume independence of chunks.
-    """
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"a standard error needs at least 2 values, got {n}")
-    mean, sd = mean_std(values)
-    se = sd / math.sqrt(n)
-    k = min(blocks, n // 2)
-    if k >= 2:
-        edges = [round(i * n / k) for i in range(k + 1)]
-        block_means = [
-            sum(values[a:b]) / (b - a) for a, b in zip(edges[:-1], edges[1:], strict=True)
-        ]
-        se = max(se, mean_std(block_means)[1] / math.sqrt(k))
-    return mean, se

@@ -10,7 +10,8 @@ chunk of the fixed set exactly as train.py did (same chunks, eval mode, where BA
 exact) and writes ``fixed_eval.json``: the per-chunk mean losses, their mean and its standard
 error (``_common.mean_se``). The mean must reproduce summary.json's ``final_val_loss_fixed``;
 a run where it does not is reported and gets no file. Existing files are kept (``--force``
-recomputes). ``--copy-to DIR`` also copies the file to ``DIR/<run name>/``, e.g. the committed
+recomputes). Runs trained by the current train.py already have the file (it records the per-chunk
+losses of its final evaluation); this script is for runs made before that. ``--copy-to DIR`` also copies the file to ``DIR/<run name>/``, e.g. the committed
 results folder, whose run directories hold no checkpoints.
 """
 
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import UsageError, fail, mean_se
+from _common import UsageError, fail
 from report import find_run_dirs
 
 PROG = "eval_fixed.py"
@@ -38,6 +39,7 @@ def eval_run(path: Path) -> dict:
     from model.gpt import GPT, GPTConfig
     from trainer.checkpoint import load_checkpoint
     from trainer.evaluate import chunk_losses
+    from trainer.stats import fixed_eval_record
 
     conf = yaml.safe_load((path / "config.yaml").read_text())
     summary = json.loads((path / "summary.json").read_text())
@@ -58,17 +60,11 @@ def eval_run(path: Path) -> dict:
         device=torch.device("cpu"),
         autocast=torch.autocast("cpu", enabled=False),
     )
-    mean, se = mean_se(losses)
+    record = fixed_eval_record(losses, step=int(state["step"]), block_size=T)
     return {
         "run": path.name,
-        "step": int(state["step"]),
-        "chunks": len(losses),
-        "block_size": T,
-        "tokens": len(losses) * T,
-        "mean": mean,
-        "se": se,
+        **record,
         "summary_final_val_loss_fixed": summary.get("final_val_loss_fixed"),
-        "per_chunk": [round(v, 6) for v in losses],
     }
 
 

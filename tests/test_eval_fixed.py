@@ -11,12 +11,12 @@ import pytest
 from helpers_train import compose_config, make_corpus, smoke_overrides
 
 import train
+from trainer.stats import mean_se
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import eval_fixed  # noqa: E402
 import report  # noqa: E402
-from _common import mean_se  # noqa: E402
 
 
 def test_mean_se_iid_matches_the_textbook_and_grows_under_correlation():
@@ -45,9 +45,17 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_reproduces_the_runs_fixed_loss_and_writes_per_chunk_losses(finished_run, tmp_path):
+    # train.py wrote the record of its final evaluation; recompute it from final.pt instead.
+    from_train = json.loads((finished_run / "fixed_eval.json").read_text())
+    (finished_run / "fixed_eval.json").unlink()
     copy_to = tmp_path / "results"
     assert eval_fixed.main([str(finished_run), "--copy-to", str(copy_to)]) == 0
     out = json.loads((finished_run / "fixed_eval.json").read_text())
+    assert out["chunks"] == from_train["chunks"]
+    assert (
+        max(abs(a - b) for a, b in zip(out["per_chunk"], from_train["per_chunk"], strict=True))
+        < 1e-5
+    )
     summary = json.loads((finished_run / "summary.json").read_text())
     assert out["step"] == 20
     # the whole split: (4,000 - 1) // 32 = 124 chunks of T = 32, in whole batches of 8

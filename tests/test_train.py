@@ -61,6 +61,12 @@ def test_smoke_run_learns_and_writes_its_run_directory(tmp_path: Path, corpus: P
     for key in ("wall_s", "tokens_per_s", "ms_per_step", "peak_memory_bytes", "git_commit"):
         assert key in saved
     assert (saved["method"], saved["rank"], saved["seed"]) == ("exact", None, 0)
+    # the fixed set's final per-chunk losses: their mean is the logged loss, with its SE
+    fixed = json.loads((run_dir / "fixed_eval.json").read_text())
+    # one loss per sequence: eval.fixed_chunks=2 loader chunks of eval.fixed_batch_size=8 rows
+    assert fixed["step"] == 60 and fixed["chunks"] == len(fixed["per_chunk"]) == 16
+    assert fixed["mean"] == pytest.approx(saved["final_val_loss_fixed"], abs=1e-6)
+    assert saved["final_val_loss_fixed_se"] == fixed["se"] > 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["final.pt"]
     assert "experiment_name: smoke" in (run_dir / "config.yaml").read_text()
 

@@ -6,7 +6,8 @@ atomic       files replaced in one step (temp file, fsync, rename)
 checkpoint   atomic save / weights_only load, RNG capture and restore
 metrics      metrics.jsonl, truncated on resume so no step appears twice
 optim        optimizer construction and the learning-rate schedule
-evaluate     validation loss under no_grad in eval mode
+evaluate     validation loss under no_grad in eval mode (also per chunk)
+stats        means and standard errors (plain Python), the fixed_eval.json record
 runtime      device, threads, autocast, peak memory
 wandb_logger Weights & Biases (offline by default, never hangs) or nothing
 

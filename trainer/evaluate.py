@@ -43,7 +43,9 @@ def chunk_losses(
     device: torch.device,
     autocast: AbstractContextManager,
 ) -> list[float]:
-    """Each chunk's mean token loss, in order: what standard errors and paired differences need."""
+    """Each evaluated sequence's mean token loss, in order (a loader chunk of batch size b gives
+    b of them; at the paper's batch 1, one per chunk): what standard errors and paired
+    differences need."""
     was_training = model.training
     model.eval()
     out: list[float] = []

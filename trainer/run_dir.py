@@ -68,6 +68,7 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
+        self.fixed_eval_path = self.path / "fixed_eval.json"  # trainer.stats.fixed_eval_record
         self.checkpoint_dir = self.path / "checkpoints"
         self.latest_path = self.checkpoint_dir / "latest.pt"
         self.final_path = self.checkpoint_dir / "final.pt"
@@ -131,6 +132,9 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_text(self.summary_path, json.dumps(dict(summary), indent=2) + "\n")
+
+    def write_fixed_eval(self, record: Mapping[str, Any]) -> None:
+        atomic_write_text(self.fixed_eval_path, json.dumps(dict(record)) + "\n")
 
 
 def git_commit() -> str | None:
