@@ -2,6 +2,7 @@
 
     python scripts/bench_gemm.py                 # the paper's shapes and two larger ones
     python scripts/bench_gemm.py --threads 1
+    python scripts/bench_gemm.py --quick       # the paper's shapes only
 
 Forward ``x @ Wᵀ`` and input gradient ``dY @ W`` per shape, medians of ``--repeats`` calls, the
 two libraries timed in alternation so load from other processes hits both alike. The ratio is
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="the paper's (64-row) shapes only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     op = gemm._op()
     rows = []
-    for b, n, m in SHAPES:
+    for b, n, m in [s for s in SHAPES if s[0] == 64] if args.quick else SHAPES:
         x, w, dy = torch.randn(b, n), torch.randn(m, n), torch.randn(b, m)
         f_mkl, f_dnn = alternate(
             [partial(F.linear, x, w), partial(op, x, w, None, "none", [], "")], args.repeats
