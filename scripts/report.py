@@ -431,6 +431,7 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
                 entry[f"d_{name}"] = {"mean": mean, "std": std, "n": len(diffs)}
         if tag != "exact":
             entry["d_val_fixed"]["se"] = _paired_se(finished, exact)
+            entry["pairs"] = _pairs(finished, exact)
         ses = [se for se in (_se(r) for r in finished.values()) if se is not None]
         entry["val_fixed"]["se"] = sum(ses) / len(ses) if ses else None
         ms = [v for v in (_final(r, "ms_per_step") for r in finished.values()) if v is not None]
@@ -439,18 +440,35 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
+def _pair_se(exact: Run, run: Run) -> float | None:
+    """SE of one seed's paired Δ on the fixed set: that of the per-chunk differences."""
+    a, b = exact.fixed_chunks, run.fixed_chunks
+    if not a or not b or len(a) != len(b):
+        return None
+    return mean_se([y - x for x, y in zip(a, b, strict=True)])[1]
+
+
 def _paired_se(runs: dict[int | None, Run], exact: dict[int | None, Run]) -> float | None:
-    """Evaluation-set SE of the mean paired Δ on the fixed set: per seed, the SE of the per-chunk
-    differences to exact; over n seeds, sqrt(Σ SE²) / n. None unless every pair has chunks."""
-    ses = []
-    for seed, run in runs.items():
-        if seed not in exact:
-            continue
-        a, b = exact[seed].fixed_chunks, run.fixed_chunks
-        if not a or not b or len(a) != len(b):
-            return None
-        ses.append(mean_se([y - x for x, y in zip(a, b, strict=True)])[1])
-    return math.sqrt(sum(se * se for se in ses)) / len(ses) if ses else None
+    """Evaluation-set SE of the mean paired Δ on the fixed set over n seeds: sqrt(Σ SE²) / n.
+    None unless every pair has per-chunk losses."""
+    ses = [_pair_se(exact[seed], run) for seed, run in runs.items() if seed in exact]
+    if not ses or any(se is None for se in ses):
+        return None
+    return math.sqrt(sum(se * se for se in ses)) / len(ses)
+
+
+def _pairs(runs: dict[int | None, Run], exact: dict[int | None, Run]) -> list[dict[str, Any]]:
+    """Each seed's paired differences to exact backprop (the rows behind a Δ column)."""
+    out = []
+    for seed in sorted((s for s in runs if s in exact), key=str):
+        run, ref = runs[seed], exact[seed]
+        pair: dict[str, Any] = {"seed": seed}
+        for key, name in (("final_val_loss", "d_val"), ("final_val_loss_fixed", "d_val_fixed")):
+            a, b = _final(ref, key), _final(run, key)
+            pair[name] = None if a is None or b is None else b - a
+        pair["d_val_fixed_se"] = _pair_se(ref, run)
+        out.append(pair)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +539,26 @@ def render_table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
     return md_table(headers, table)
 
 
+def render_pairs(rows: list[dict[str, Any]]) -> str:
+    """One line per (row, seed): BASIS minus exact backprop of the same seed."""
+
+    def cell(v: float | None, se: float | None = None) -> str:
+        if v is None:
+            return "–"
+        return f"{v:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+    lines = [
+        [e["label"], pair["seed"], cell(pair["d_val_fixed"], pair["d_val_fixed_se"]),
+         cell(pair["d_val"])]
+        for e in rows
+        for pair in e.get("pairs", [])
+    ]  # fmt: skip
+    if not lines:
+        return ""
+    headers = ["run", "seed", "Δ val fixed (± eval SE)", "Δ val, paper protocol"]
+    return md_table(headers, lines)
+
+
 def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[str]]) -> str:
     out = ["# Table 3, regenerated", ""]
     out.append(
@@ -552,6 +590,12 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
                 "No per-chunk fixed-set losses (scripts/eval_fixed.py), so no standard error."
             )
         out.append("")
+        pairs = render_pairs(rows)
+        if pairs:
+            out.append("### Paired differences per seed")
+            out.append("")
+            out.append(pairs)
+            out.append("")
         for fig in figures.get(exp.name, []):
             out.append(f"![validation loss]({fig})")
             out.append("")

@@ -135,3 +135,10 @@ def test_report_shows_the_fixed_set_se_and_the_paired_se(tmp_path):
     assert 0.015 < rows["exact"]["val_fixed"]["se"] < 0.035
     table = report.render_markdown([exp], {})
     assert "SE 0.00" in table and "(SE 0.0" in table
+    # one line per seed: that seed's Δ (about +0.05) with its own SE (0.02/sqrt(400) = 0.001)
+    per_seed = table.split("### Paired differences per seed")[1].splitlines()
+    per_seed = [line for line in per_seed if line.startswith("| BASIS R=32 | ")]
+    assert [line.split("|")[2].strip() for line in per_seed] == ["1", "2"]
+    for line in per_seed:
+        d, se = line.split("|")[3].split("±")
+        assert abs(float(d) - 0.05) < 0.01 and 0.0005 < float(se) < 0.002

@@ -154,7 +154,8 @@ def test_table_numbers_paired_differences_and_paper(runs, tmp_path, capsys):
     assert uniform[8:10] == ["–", "–"] and uniform[2] == "3"
 
     # Order: the paper's rows, then the ablation.
-    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    main = table.split("### Paired differences per seed")[0]  # not the per-seed table below it
+    labels = [line.split("|")[1].strip() for line in main.splitlines() if line.startswith("| ")]
     assert labels[1:] == [
         "exact backprop",
         "BASIS R=64",
