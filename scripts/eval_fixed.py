@@ -8,11 +8,12 @@ For each run directory with ``summary.json`` (finished) and ``checkpoints/final.
 the model from ``config.yaml``, loads the final weights (``weights_only=True``), evaluates every
 chunk of the fixed set exactly as train.py did (same chunks, eval mode, where BASIS layers are
 exact) and writes ``fixed_eval.json``: the per-chunk mean losses, their mean and its standard
-error (``_common.mean_se``). The mean must reproduce summary.json's ``final_val_loss_fixed``;
-a run where it does not is reported and gets no file. Existing files are kept (``--force``
-recomputes). Runs trained by the current train.py already have the file (it records the per-chunk
-losses of its final evaluation); this script is for runs made before that. ``--copy-to DIR`` also copies the file to ``DIR/<run name>/``, e.g. the committed
-results folder, whose run directories hold no checkpoints.
+error (``trainer.stats.fixed_eval_record``). The mean must reproduce summary.json's
+``final_val_loss_fixed``; a run where it does not is reported and gets no file. Existing files
+are kept (``--force`` recomputes). Runs trained by the current train.py already have the file (it
+records the per-chunk losses of its final evaluation); this script is for runs made before that.
+``--copy-to DIR`` also copies the file to ``DIR/<run name>/``, e.g. the committed results folder,
+whose run directories hold no checkpoints.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import yaml
 from _common import UsageError, fail
 from report import find_run_dirs
 
+from trainer.run_dir import RunDir
+
 PROG = "eval_fixed.py"
-FILE = "fixed_eval.json"
 MATCH_TOL = 1e-4  # fp32 summation order differs from train.py's evaluate() by ~1e-6
 
 
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, str(err))
     bad = 0
     for path in dirs:
-        out = path / FILE
+        run = RunDir(path)
+        out = run.fixed_eval_path
         final = path / "checkpoints" / "final.pt"
         if not out.is_file() or args.force:
             if not final.is_file():
@@ -102,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 bad += 1
                 continue
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result) + "\n")
-            tmp.replace(out)
+            run.write_fixed_eval(result)
         result = json.loads(out.read_text())
         print(
             f"{path}: {result['chunks']} chunks ({result['tokens']:,} tokens), "
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.copy_to:
             dest = args.copy_to / path.name
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out, dest / FILE)
+            shutil.copyfile(out, dest / out.name)
     return 1 if bad else 0
 
 

@@ -38,7 +38,7 @@ from _common import UsageError, fail, md_table, mean_se, mean_std, parse_int_lis
 
 PROG = "report.py"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
-FIXED_EVAL = "fixed_eval.json"  # written by scripts/eval_fixed.py
+FIXED_EVAL = "fixed_eval.json"  # written by train.py at the end, or by scripts/eval_fixed.py
 SKIP_DIRS = {"checkpoints", "wandb", "__pycache__", ".git"}
 MAX_DEPTH = 4
 
@@ -430,8 +430,8 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
                 mean, std = mean_std(diffs)
                 entry[f"d_{name}"] = {"mean": mean, "std": std, "n": len(diffs)}
         if tag != "exact":
-            entry["d_val_fixed"]["se"] = _paired_se(finished, exact)
             entry["pairs"] = _pairs(finished, exact)
+            entry["d_val_fixed"]["se"] = _mean_pair_se(entry["pairs"])
         ses = [se for se in (_se(r) for r in finished.values()) if se is not None]
         entry["val_fixed"]["se"] = sum(ses) / len(ses) if ses else None
         ms = [v for v in (_final(r, "ms_per_step") for r in finished.values()) if v is not None]
@@ -448,10 +448,10 @@ def _pair_se(exact: Run, run: Run) -> float | None:
     return mean_se([y - x for x, y in zip(a, b, strict=True)])[1]
 
 
-def _paired_se(runs: dict[int | None, Run], exact: dict[int | None, Run]) -> float | None:
+def _mean_pair_se(pairs: list[dict[str, Any]]) -> float | None:
     """Evaluation-set SE of the mean paired Δ on the fixed set over n seeds: sqrt(Σ SE²) / n.
     None unless every pair has per-chunk losses."""
-    ses = [_pair_se(exact[seed], run) for seed, run in runs.items() if seed in exact]
+    ses = [p["d_val_fixed_se"] for p in pairs]
     if not ses or any(se is None for se in ses):
         return None
     return math.sqrt(sum(se * se for se in ses)) / len(ses)
