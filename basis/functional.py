@@ -145,6 +145,7 @@ def basis_linear(
     invariant_scalars: bool = True,
     hashing: str = "balanced",
     generator: torch.Generator | None = None,
+    seed: int | None = None,
     h: torch.Tensor | None = None,
     s: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -155,8 +156,9 @@ def basis_linear(
     bias gradient are exact; the weight gradient is
     ``scale · (1−λ)² · γ_X γ_dY · (S dY)ᵀ (S X)`` (γ = 1 without invariant scalars).
 
-    ``h`` (bin ids) and ``s`` (±1 signs) fix the sketch; otherwise it is drawn from ``generator``
-    (torch's default generator when None) and regenerated in backward from one saved seed.
+    ``h`` (bin ids) and ``s`` (±1 signs) fix the sketch; otherwise it is drawn from ``seed`` (an
+    integer in [0, 2⁶⁴)), or from a seed drawn from ``generator`` (torch's default generator when
+    both are None), and regenerated in backward from that one saved seed.
     Without autograd (no_grad, inference, frozen weight) this is the exact map
     (``basis.gemm.fast_linear``: ``F.linear``, or oneDNN for large CPU products).
     """
@@ -175,8 +177,12 @@ def basis_linear(
     if not (torch.is_grad_enabled() and weight.requires_grad) or rows == 0:
         return gemm.fast_linear(x, weight, bias)
     _check_given_sketch(h, s, rows, min(rank, rows), hashing)
-    seed = None
-    if h is None:
+    if seed is not None:
+        if h is not None or generator is not None:
+            raise ValueError("give one of seed, generator, or (h, s) to fix the sketch")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    elif h is None:
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
     return _BasisLinearFn.apply(

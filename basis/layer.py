@@ -85,7 +85,7 @@ class BasisLinear(Linear):
 
     @torch.compiler.disable  # the per-call generator and counter are host-side state
     def _sketched(self, x: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.calls))
+        seed = mix_seed(self.seed, self.calls)
         self.calls += 1
         return basis_linear(
             x,
@@ -97,7 +97,7 @@ class BasisLinear(Linear):
             eps=self.eps,
             invariant_scalars=self.invariant_scalars,
             hashing=self.hashing,
-            generator=generator,
+            seed=seed,
         )
 
     def get_extra_state(self) -> dict[str, int]:

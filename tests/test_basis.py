@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from basis import BasisLinear, apply_basis, basis_linear, draw_sketch, invariant_scalar
+from basis.sketch import _CSR_MIN_NUMEL, _DENSE_MAX_MACS, frobenius_norm
 
 
 def _exact_grads(x, w, b, dy):
@@ -205,6 +206,31 @@ def test_same_seed_same_gradient_and_seed_matters():
     assert not torch.allclose(g[0], g[2])
 
 
+def test_integer_seed_fixes_the_sketch_and_is_validated():
+    torch.manual_seed(6)
+    x, w, dy = torch.randn(32, 8), torch.randn(4, 8), torch.randn(32, 4)
+    g = [_basis_grads(x, w, None, dy, rank=4, seed=s)[1] for s in (2**63 + 5, 2**63 + 5, 6)]
+    assert torch.equal(g[0], g[1])
+    assert not torch.allclose(g[0], g[2])
+    for bad in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            basis_linear(x, w.requires_grad_(), rank=4, seed=bad)
+    with pytest.raises(ValueError, match="one of seed, generator"):
+        basis_linear(x, w, rank=4, seed=1, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("shape", [(64, 50257), (3, 5), (1 << 16,)])
+def test_frobenius_norm_by_dot_matches_vector_norm(shape):
+    """The BLAS-dot route (large contiguous fp32 on CPU) and vector_norm (the rest, here the
+    transpose) both match an fp64 reference; the dot is the more accurate of the two (vector_norm
+    is 6e-5 off at 64 × 50,257, measured)."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    want = torch.linalg.vector_norm(t.double()).float()
+    torch.testing.assert_close(frobenius_norm(t), want, rtol=1e-5, atol=0)
+    strided = t.t() if t.dim() == 2 else t
+    torch.testing.assert_close(frobenius_norm(strided), want, rtol=2e-4, atol=0)
+
+
 @pytest.mark.parametrize("rank", [1, 2])
 def test_given_h_and_s_define_the_sketch(rank):
     torch.manual_seed(7)
@@ -374,8 +400,8 @@ def test_sketch_error_shrinks_with_rank():
 @pytest.mark.parametrize("hashing", ["balanced", "uniform"])
 @pytest.mark.parametrize("rows,rank", [(50, 1), (50, 3), (50, 8), (7, 7), (64, 32)])
 def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
-    """S X by the CPU sparse product, the index_add_ path other devices take and the R = 1
-    vector product all equal the dense ±1 matrix S (R × B) times X, in fp32 and fp64."""
+    """S X by the small dense GEMM, the CPU sparse product, the index_add_ path other devices
+    take and the R = 1 vector product all equal the dense ±1 matrix S (R × B) times X, in fp32 and fp64."""
     gen = torch.Generator().manual_seed(rows * 100 + rank)
     sketch = draw_sketch(rows, rank, hashing, gen, torch.device("cpu"))
     dense = torch.zeros(sketch.rank, rows, dtype=torch.float64)
@@ -385,10 +411,12 @@ def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
         want = (dense @ x.double()).to(dtype)
         torch.testing.assert_close(sketch.apply(x), want)
         torch.testing.assert_close(sketch._index_add(x), want)
+        torch.testing.assert_close(sketch._dense_count(rows, dtype) @ x, want)
         if sketch.rank > 1:
             torch.testing.assert_close(torch.sparse.mm(sketch._csr(rows, dtype), x), want)
-        # wide enough that apply() itself takes the CSR product
-        wide = torch.randn(rows, (1 << 17) // rows + 1, generator=gen, dtype=dtype)
+        # wide enough that apply() itself takes the CSR product (R > 1), not the dense S
+        numel = max(_CSR_MIN_NUMEL, _DENSE_MAX_MACS // sketch.rank + 1)
+        wide = torch.randn(rows, numel // rows + 1, generator=gen, dtype=dtype)
         torch.testing.assert_close(sketch.apply(wide), (dense @ wide.double()).to(dtype))
     gaussian = draw_sketch(rows, rank, "gaussian", gen, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the sums stay in the rows' fp32
