@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 from _common import UsageError, fail, md_table, mean_se, mean_std, parse_int_list
 
+from trainer.atomic import atomic_file
+
 PROG = "report.py"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 FIXED_EVAL = "fixed_eval.json"  # written by train.py at the end, or by scripts/eval_fixed.py
@@ -606,6 +608,34 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
     return "\n".join(out)
 
 
+README_BLOCKS = ("table", "pairs")
+
+
+def update_readme(path: Path, experiment: Experiment) -> None:
+    """Rewrite the blocks between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in
+    ``path`` (NAME: table, pairs) with this experiment's tables, so the README's numbers are
+    always the ones TABLE.md holds. Raises UsageError if a marker pair is missing."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsageError(f"--readme {path}: {err.strerror}") from None
+    rows = aggregate(experiment)
+    content = {"table": render_table(experiment, rows), "pairs": render_pairs(rows) or "(none yet)"}
+    for name in README_BLOCKS:
+        pattern = re.compile(
+            rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", flags=re.DOTALL
+        )
+        if not pattern.search(text):
+            raise UsageError(
+                f"--readme {path}: no '<!-- report:{name} -->' ... '<!-- /report:{name} -->' "
+                "block; add the two marker lines where the table goes"
+            )
+        body = content[name]
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text, count=1)
+    with atomic_file(path) as f:
+        f.write(text)
+
+
 def _aligned(runs: Sequence[Run], key: str) -> tuple[list[int], list[list[float]]]:
     """The steps every run of a row evaluated, and each run's values at those steps."""
     curves = [dict(r.curves.get(key, [])) for r in runs]
@@ -753,6 +783,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--include-unfinished", action="store_true", help="draw unfinished runs' curves too"
     )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also rewrite the report:table and report:pairs blocks of this Markdown file\n"
+        "(needs exactly one experiment, or --experiment)",
+    )
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb:
@@ -781,6 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         fail(PROG, str(err))
     experiments = group_runs(runs, seeds)
+    if args.readme is not None and len(experiments) != 1:
+        names = ", ".join(e.name for e in experiments)
+        fail(PROG, f"--readme needs one experiment, found {names}; pick one with --experiment")
     figures: dict[str, list[str]] = {}
     for exp in experiments:
         suffix = "" if len(experiments) == 1 else f"-{re.sub(r'[^A-Za-z0-9_.-]+', '_', exp.name)}"
@@ -811,6 +851,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (args.out / "report.json").write_text(json.dumps(_clean(payload), indent=1) + "\n")
     print(text)
+    if args.readme is not None:
+        try:
+            update_readme(args.readme, experiments[0])
+        except UsageError as err:
+            fail(PROG, str(err))
+        print(f"updated the report blocks of {args.readme}")
     print(
         f"wrote {args.out / 'TABLE.md'}, report.json and {len(sum(figures.values(), []))} figure(s)"
     )

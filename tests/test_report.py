@@ -319,3 +319,31 @@ def test_include_unfinished_draws_partial_curves(runs, tmp_path):
     assert (out / "figure1.png").stat().st_size > 10_000
     # The table still counts finished runs only.
     assert _row((out / "TABLE.md").read_text(), "BASIS R=8")[2] == "2"
+
+
+def test_readme_blocks_are_rewritten_from_the_runs(runs, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    before = "intro\n<!-- report:table -->\nold table\n<!-- /report:table -->\nmiddle\n"
+    before += "<!-- report:pairs -->\nold\n<!-- /report:pairs -->\nend\n"
+    readme.write_text(before)
+    out = tmp_path / "out"
+    assert report.main([str(runs), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    table = (out / "TABLE.md").read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    block = text.split("<!-- report:table -->\n")[1].split("\n<!-- /report:table -->")[0]
+    assert block in table and _row(block, "BASIS R=32") == _row(table, "BASIS R=32")
+    pairs = text.split("<!-- report:pairs -->\n")[1].split("\n<!-- /report:pairs -->")[0]
+    assert pairs in table.split("### Paired differences per seed")[1]
+    # A second run changes nothing: the blocks are replaced, not appended to.
+    assert report.main([str(runs), "--out", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+    readme.write_text("no markers here\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(runs), "--out", str(out), "--readme", str(readme)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "report:table" in err and len(err.strip().splitlines()) == 1
+    assert readme.read_text() == "no markers here\n"  # untouched
