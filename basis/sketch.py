@@ -1,7 +1,8 @@
-"""The sketching operator S (R_eff × rows) of BASIS, never materialised for count sketches.
+"""The sketching operator S (R_eff × rows) of BASIS; count sketches are materialised only when small.
 
 A count sketch is defined by a bin id ``h[i]`` and a sign ``s[i]`` per row, so ``S X`` is a signed
-segment sum of X's rows into R bins. The Gaussian peer (random projection, Bershatsky et al. 2022)
+segment sum of X's rows into R bins (for small products a dense R × B matrix times X is cheaper,
+as a single GEMM, than the segment sum's several ops). The Gaussian peer (random projection, Bershatsky et al. 2022)
 is a dense S with N(0, 1/R) entries; it is here only as a comparison point.
 """
 
@@ -72,7 +73,8 @@ class Sketch:
     def _csr(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """S as a sparse CSR matrix: one ±1 per column. On CPU its product reads X once and
         writes only R × K, where index_add_ into 2R bins wrote and re-read a 2R × K buffer
-        (the 64 × 50,257 head at R = 32: 0.44 ms against 2.2 ms, 2 threads of our 2-core CPU)."""
+        (the 64 × 50,257 head at R = 32, 2 threads: 0.44 vs 2.2 ms in a model step when this was
+        written; 0.5-0.8 vs 0.9 ms in a later cache-hot loop)."""
         order = torch.argsort(self.h, stable=True)
         crow = self.h.new_zeros(self.rank + 1)
         crow[1:] = torch.bincount(self.h, minlength=self.rank).cumsum(0)
