@@ -222,11 +222,11 @@ def test_integer_seed_fixes_the_sketch_and_is_validated():
 @pytest.mark.parametrize("shape", [(64, 50257), (3, 5), (1 << 16,)])
 def test_frobenius_norm_by_dot_matches_vector_norm(shape):
     """The BLAS-dot route (large contiguous fp32 on CPU) and vector_norm (the rest, here the
-    transpose) both match an fp64 reference; the dot is the more accurate of the two (vector_norm
-    is 6e-5 off at 64 × 50,257, measured)."""
+    transpose) both match an fp64 reference to fp32 accumulation error over 3.2 M elements
+    (measured up to 2.4e-5 for the dot, depending on threads, and 6e-5 for vector_norm)."""
     t = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     want = torch.linalg.vector_norm(t.double()).float()
-    torch.testing.assert_close(frobenius_norm(t), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(frobenius_norm(t), want, rtol=2e-4, atol=0)
     strided = t.t() if t.dim() == 2 else t
     torch.testing.assert_close(frobenius_norm(strided), want, rtol=2e-4, atol=0)
 
