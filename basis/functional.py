@@ -163,6 +163,11 @@ def basis_linear(
     (``basis.gemm.fast_linear``: ``F.linear``, or oneDNN for large CPU products).
     """
     check_settings(rank, lam, scale, eps, invariant_scalars, hashing)
+    if seed is not None:
+        if h is not None or s is not None or generator is not None:
+            raise ValueError("give one of seed, generator, or (h, s) to fix the sketch")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     if weight.dim() != 2:
         raise ValueError(
             f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
@@ -177,12 +182,7 @@ def basis_linear(
     if not (torch.is_grad_enabled() and weight.requires_grad) or rows == 0:
         return gemm.fast_linear(x, weight, bias)
     _check_given_sketch(h, s, rows, min(rank, rows), hashing)
-    if seed is not None:
-        if h is not None or generator is not None:
-            raise ValueError("give one of seed, generator, or (h, s) to fix the sketch")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    elif h is None:
+    if seed is None and h is None:
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
     return _BasisLinearFn.apply(

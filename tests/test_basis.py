@@ -217,6 +217,8 @@ def test_integer_seed_fixes_the_sketch_and_is_validated():
             basis_linear(x, w.requires_grad_(), rank=4, seed=bad)
     with pytest.raises(ValueError, match="one of seed, generator"):
         basis_linear(x, w, rank=4, seed=1, generator=torch.Generator())
+    with torch.no_grad(), pytest.raises(ValueError, match="seed must be"):  # checked in eval too
+        basis_linear(x, w, rank=4, seed=-3)
 
 
 @pytest.mark.parametrize("shape", [(64, 50257), (3, 5), (1 << 16,)])
