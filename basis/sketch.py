@@ -1,9 +1,9 @@
 """The sketching operator S (R_eff × rows) of BASIS; count sketches are materialised only when small.
 
 A count sketch is defined by a bin id ``h[i]`` and a sign ``s[i]`` per row, so ``S X`` is a signed
-segment sum of X's rows into R bins (for small products a dense R × B matrix times X is cheaper,
-as a single GEMM, than the segment sum's several ops). The Gaussian peer (random projection, Bershatsky et al. 2022)
-is a dense S with N(0, 1/R) entries; it is here only as a comparison point.
+segment sum of X's rows into R bins (for small products a dense R × B matrix times X, one GEMM, is
+cheaper than the segment sum's several ops). The Gaussian peer (random projection, Bershatsky et
+al. 2022) is a dense S with N(0, 1/R) entries; it is here only as a comparison point.
 """
 
 from __future__ import annotations
