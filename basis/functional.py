@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import gemm
-from .sketch import HASHINGS, Sketch, draw_sketch, invariant_scalar
+from .sketch import HASHINGS, Sketch, draw_sketch
 
 _SEED_BOUND = 2**62
 
@@ -59,19 +59,21 @@ def _check_given_sketch(
 
 class _BasisLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s
-    ):
+    def forward(ctx, x, weight, bias, settings):
+        # One tuple instead of nine arguments: autograd inspects every argument of every call.
+        rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s = settings
         # Step 1: the forward output is the exact linear map (bias outside the sketched product).
         y = gemm.linear(x, weight, bias)
 
         rows = x.reshape(-1, x.shape[-1]).float()  # norms and sums in fp32, whatever x's dtype
         sketch = _sketch_for(rows.shape[0], rank, hashing, seed, h, s, x.device)
         # Step 5: X̃ = S X, a signed segment sum into R_eff bins.
-        x_hat = sketch.apply(rows)
         # Step 6: γ_X = ‖X‖_F / (‖X̃‖_F + ε); X̂ = γ_X X̃ keeps the activations' energy.
         if invariant_scalars:
-            x_hat.mul_(invariant_scalar(rows, x_hat, eps))
+            x_hat, gamma_x = sketch.apply_with_gamma(rows, eps)
+            x_hat.mul_(gamma_x)
+        else:
+            x_hat = sketch.apply(rows)
 
         # Step 7: keep X̂ (R_eff × N), W (the parameter itself, no copy) and h, s — or only the
         # seed that regenerates them, so nothing of X's size (B × N) outlives the forward.
@@ -101,19 +103,20 @@ class _BasisLinearFn(torch.autograd.Function):
             h, s = given if given else (None, None)
             sketch = _sketch_for(dy32.shape[0], rank, hashing, seed, h, s, dy.device)
             # Step 2: dỸ = S dY with the same h and s as the forward; γ_dY rescales its norm.
-            dy_hat = sketch.apply(dy32)
             # Step 3 and 4 folded into one scalar: (1−λ) on X̂ and on dŶ, times `scale`. It
             # multiplies the small X̂ (R × N) rather than dŶ (R × M, 50,257 wide at the head).
             coef = scale * (1.0 - lam) ** 2
             if invariant_scalars:
-                x_hat = x_hat * (invariant_scalar(dy32, dy_hat, eps) * coef)
+                dy_hat, gamma_dy = sketch.apply_with_gamma(dy32, eps)
+                x_hat = x_hat * (gamma_dy * coef)
             else:
+                dy_hat = sketch.apply(dy32)
                 x_hat = x_hat * coef
             # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ; at R = 1 an outer product,
             # since a GEMM with inner dimension 1 costs as much as the exact one.
             dw = torch.outer(dy_hat[0], x_hat[0]) if len(x_hat) == 1 else dy_hat.t() @ x_hat
             dw = dw.to(weight.dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None, None
+        return dx, dw, db, None
 
 
 def _sketch_for(
@@ -185,17 +188,5 @@ def basis_linear(
     if seed is None and h is None:
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
-    return _BasisLinearFn.apply(
-        x,
-        weight,
-        bias,
-        rank,
-        float(lam),
-        float(scale),
-        float(eps),
-        invariant_scalars,
-        hashing,
-        seed,
-        h,
-        s,
-    )
+    settings = (rank, float(lam), float(scale), float(eps), invariant_scalars, hashing, seed, h, s)
+    return _BasisLinearFn.apply(x, weight, bias, settings)

@@ -2,16 +2,21 @@
 
 A count sketch is defined by a bin id ``h[i]`` and a sign ``s[i]`` per row, so ``S X`` is a signed
 segment sum of X's rows into R bins (for small products a dense R × B matrix times X, one GEMM, is
-cheaper than the segment sum's several ops). The Gaussian peer (random projection, Bershatsky et
-al. 2022) is a dense S with N(0, 1/R) entries; it is here only as a comparison point.
+cheaper than the segment sum's several ops). On CPU in fp32 a compiled kernel
+(``native.py``) does it in one pass, with the norms the invariant scalar needs. The Gaussian peer
+(random projection, Bershatsky et al. 2022) is a dense S with N(0, 1/R) entries; it is here only
+as a comparison point.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from . import native
 
 HASHINGS = ("balanced", "uniform", "gaussian")
 # Below this many elements (64 × 2,048) building the CSR matrix costs more than index_add_'s
@@ -43,9 +48,25 @@ class Sketch:
                 return self._apply(rows)
         return self._apply(rows)
 
+    def apply_with_gamma(
+        self, rows: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(S @ rows, γ)`` with the invariant scalar γ = ‖rows‖_F / (‖S @ rows‖_F + ε): one
+        pass over ``rows`` by the compiled kernel where it applies (count sketch, fp32 CPU)."""
+        if self.h is not None:
+            fused = native.count_sketch(rows, self.h, self.s, self.rank)
+            if fused is not None:
+                out, sq_rows, sq_out = fused
+                return out, math.sqrt(sq_rows) / (math.sqrt(sq_out) + eps)
+        out = self.apply(rows)
+        return out, invariant_scalar(rows, out, eps)
+
     def _apply(self, rows: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return self.dense.to(rows.dtype) @ rows
+        fused = native.count_sketch(rows, self.h, self.s, self.rank)
+        if fused is not None:
+            return fused[0]
         if self.rank == 1:  # one signed sum of all rows: a matrix-vector product
             return (self.s.to(rows.dtype) @ rows).unsqueeze(0)
         if self.rank * rows.numel() <= _DENSE_MAX_MACS:

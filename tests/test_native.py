@@ -1,0 +1,183 @@
+"""The compiled count-sketch kernel (basis/native.py): same values as PyTorch ops, deterministic,
+and a clean fallback to PyTorch ops when it cannot be built or is turned off."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from basis import basis_linear, native
+from basis.sketch import Sketch, draw_sketch
+
+needs_compiler = pytest.mark.skipif(
+    native._compiler() is None, reason="no C compiler: the kernel is optional"
+)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """An empty kernel cache and no kernel loaded yet in this process."""
+    monkeypatch.setenv("BASIS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(native._state, "tried", False)
+    monkeypatch.setitem(native._state, "fn", None)
+    return tmp_path / "cache"
+
+
+def reference(rows: torch.Tensor, h: torch.Tensor, s: torch.Tensor, rank: int):
+    """S rows and both squared norms in fp64, by the definition (a signed segment sum)."""
+    rows64 = rows.double()
+    out = torch.zeros(rank, rows.shape[1], dtype=torch.float64)
+    out.index_add_(0, h, rows64 * s.double()[:, None])
+    return out, rows64.square().sum().item(), out.square().sum().item()
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("n", "k", "rank"),
+    [
+        (64, 64, 32),  # the paper's c_fc, one column block
+        (64, 256, 1),  # R = 1: one signed sum
+        (300, 1100, 7),  # more rows than the float partial sums hold (64); ragged blocks
+        (64, 50257, 32),  # the paper's head: many blocks, shared among threads
+        (5, 3, 8),  # rank > rows: empty bins stay zero
+    ],
+)
+def test_matches_the_definition(n: int, k: int, rank: int) -> None:
+    gen = torch.Generator().manual_seed(n + k + rank)
+    rows = torch.randn(n, k, generator=gen)
+    h = torch.randint(0, rank, (n,), generator=gen)
+    s = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    out, sq_rows, sq_out = native.count_sketch(rows, h, s, rank)
+    want, want_rows, want_out = reference(rows, h, s, rank)
+    # fp32 sums of at most ceil(n / rank) terms; the norms are accumulated in double.
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
+    assert sq_out == pytest.approx(want_out, rel=1e-6)
+
+
+@needs_compiler
+def test_strided_rows_are_read_in_place() -> None:
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(40, 700, generator=gen)
+    rows = wide[:, 50:650]  # row stride 700, not 600
+    sk = draw_sketch(40, 8, "balanced", gen, torch.device("cpu"))
+    out, sq_rows, _ = native.count_sketch(rows, sk.h, sk.s, sk.rank)
+    want, want_rows, _ = reference(rows, sk.h, sk.s, sk.rank)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
+
+
+@needs_compiler
+def test_bitwise_the_same_for_any_thread_count() -> None:
+    # Per-block partial sums are combined in block order: 1 and 2 threads agree bit for bit, so
+    # a resumed run reproduces an uninterrupted one whatever `threads` it was given.
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(64, 50257, generator=gen)
+    sk = draw_sketch(64, 32, "balanced", gen, torch.device("cpu"))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(native.count_sketch(rows, sk.h, sk.s, sk.rank))
+    finally:
+        torch.set_num_threads(before)
+    (a, a_rows, a_out), (b, b_rows, b_out) = results
+    assert torch.equal(a, b) and a_rows == b_rows and a_out == b_out
+
+
+@needs_compiler
+def test_bad_bins_raise_instead_of_writing_out_of_bounds() -> None:
+    rows = torch.randn(4, 16)
+    s = torch.ones(4)
+    with pytest.raises(ValueError, match=r"bin ids in \[0, 3\)"):
+        native.count_sketch(rows, torch.tensor([0, 1, 3, 2]), s, 3)
+    with pytest.raises(ValueError, match="bin ids"):
+        Sketch(rank=3, h=torch.tensor([0, -1, 2, 2]), s=s).apply(rows)
+
+
+@needs_compiler
+def test_inputs_it_does_not_take_go_to_pytorch_ops() -> None:
+    rows = torch.randn(8, 5)
+    h = torch.randint(0, 2, (8,))
+    s = torch.ones(8)
+    assert native.count_sketch(rows, h, s, 2) is not None
+    assert native.count_sketch(rows.double(), h, s, 2) is None  # fp64 rows
+    assert native.count_sketch(rows.t().contiguous().t(), h, s, 2) is None  # column stride 8
+    assert native.count_sketch(rows, h.int(), s, 2) is None  # int32 bins
+    assert native.count_sketch(rows, torch.randint(0, 2, (16,))[::2], s, 2) is None
+
+
+@needs_compiler
+def test_sketch_routes_agree_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(64, 256, generator=gen)
+    sk = draw_sketch(64, 32, "balanced", gen, torch.device("cpu"))
+    fused, gamma = sk.apply_with_gamma(rows, 1e-8)
+    assert isinstance(gamma, float)  # the kernel's route: γ from its two norms
+    monkeypatch.setenv("BASIS_NATIVE", "0")
+    plain, gamma_torch = sk.apply_with_gamma(rows, 1e-8)
+    assert not isinstance(gamma_torch, float)  # PyTorch ops: a 0-dim tensor
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert gamma == pytest.approx(gamma_torch.item(), rel=1e-5)
+
+
+@needs_compiler
+def test_weight_gradient_is_the_same_with_and_without_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, 48, generator=gen)
+    w = torch.randn(80, 48, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 32, 80, generator=gen)
+    grads = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("BASIS_NATIVE", flag)
+        w.grad = None
+        basis_linear(x, w, rank=8, lam=0.01, seed=11).backward(dy)
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_compiler_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, fresh_kernel
+) -> None:
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.warns(UserWarning, match="compiled count sketch unavailable .*no C compiler"):
+        assert not native.available()
+    rows = torch.randn(8, 5)
+    assert native.count_sketch(rows, torch.zeros(8, dtype=torch.long), torch.ones(8), 1) is None
+    x = torch.randn(16, 6)
+    w = torch.randn(4, 6, requires_grad=True)
+    basis_linear(x, w, rank=4, seed=0).sum().backward()  # PyTorch ops, no second warning
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_a_failing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, fresh_kernel) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` command to stand in for a broken compiler")
+    monkeypatch.setattr(native, "_compiler", lambda: false)
+    with pytest.warns(UserWarning, match="could not build"):
+        assert not native.available()
+    assert not list(fresh_kernel.glob("*.so*"))  # nothing half-written left in the cache
+
+
+def test_turned_off_by_environment(monkeypatch: pytest.MonkeyPatch, fresh_kernel) -> None:
+    monkeypatch.setenv("BASIS_NATIVE", "0")
+    assert not native.available()
+    assert not fresh_kernel.exists()  # not even built
+
+
+@needs_compiler
+def test_built_once_then_loaded_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch, fresh_kernel
+) -> None:
+    assert native.available()
+    (built,) = fresh_kernel.glob("count_sketch-*.so")
+    monkeypatch.setitem(native._state, "tried", False)
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled a second time"))
+    assert native.available()
+    assert list(fresh_kernel.glob("count_sketch-*.so")) == [built]
