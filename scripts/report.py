@@ -59,6 +59,12 @@ ABLATIONS = {  # issue 7's ablations, in table order
     "basis-r8-noinv": "no invariant scalars",
     "basis-r8-gaussian": "Gaussian sketch",
 }
+# What each ablation changes, and so the run it is paired with (same rank and seed).
+ABLATION_BASE = {
+    "basis-r32-uniform": "basis-r32",
+    "basis-r8-noinv": "basis-r8",
+    "basis-r8-gaussian": "basis-r8",
+}
 _TAG = re.compile(r"^basis-r(\d+)(?:-(.+))?$")
 _DIR = re.compile(r"^(?P<tag>.+)-s(?P<seed>\d+)$")
 
@@ -434,6 +440,19 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
         if tag != "exact":
             entry["pairs"] = _pairs(finished, exact)
             entry["d_val_fixed"]["se"] = _mean_pair_se(entry["pairs"])
+        if tag in ABLATION_BASE:
+            base = ABLATION_BASE[tag]
+            ref = {s: r for (t, s), r in exp.runs.items() if t == base and r.finished}
+            pairs = _pairs(finished, ref)
+            diffs = [p["d_val_fixed"] for p in pairs if p["d_val_fixed"] is not None]
+            mean, std = mean_std(diffs)
+            entry["vs_base"] = {
+                "base": base,
+                "label": row_label(base),
+                "pairs": pairs,
+                "d_val_fixed": {"mean": mean, "std": std, "n": len(diffs)},
+            }
+            entry["vs_base"]["d_val_fixed"]["se"] = _mean_pair_se(pairs)
         ses = [se for se in (_se(r) for r in finished.values()) if se is not None]
         entry["val_fixed"]["se"] = sum(ses) / len(ses) if ses else None
         ms = [v for v in (_final(r, "ms_per_step") for r in finished.values()) if v is not None]
@@ -459,11 +478,12 @@ def _mean_pair_se(pairs: list[dict[str, Any]]) -> float | None:
     return math.sqrt(sum(se * se for se in ses)) / len(ses)
 
 
-def _pairs(runs: dict[int | None, Run], exact: dict[int | None, Run]) -> list[dict[str, Any]]:
-    """Each seed's paired differences to exact backprop (the rows behind a Δ column)."""
+def _pairs(runs: dict[int | None, Run], refs: dict[int | None, Run]) -> list[dict[str, Any]]:
+    """Each seed's paired differences to the reference run of that seed (exact backprop for a
+    Δ column; the unablated method for an ablation)."""
     out = []
-    for seed in sorted((s for s in runs if s in exact), key=str):
-        run, ref = runs[seed], exact[seed]
+    for seed in sorted((s for s in runs if s in refs), key=str):
+        run, ref = runs[seed], refs[seed]
         pair: dict[str, Any] = {"seed": seed}
         for key, name in (("final_val_loss", "d_val"), ("final_val_loss_fixed", "d_val_fixed")):
             a, b = _final(ref, key), _final(run, key)
@@ -561,6 +581,32 @@ def render_pairs(rows: list[dict[str, Any]]) -> str:
     return md_table(headers, lines)
 
 
+def render_ablations(rows: list[dict[str, Any]]) -> str:
+    """Each ablation minus the method it changes, same rank and seed: does the changed part
+    matter? One line per seed, then the mean over seeds."""
+    lines = []
+    for e in rows:
+        vs = e.get("vs_base")
+        if not vs or not vs["pairs"]:
+            continue
+        for pair in vs["pairs"]:
+            d, se = pair["d_val_fixed"], pair["d_val_fixed_se"]
+            fixed = "–" if d is None else f"{d:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+            paper = "–" if pair["d_val"] is None else f"{pair['d_val']:+.3f}"
+            lines.append([e["label"], vs["label"], pair["seed"], fixed, paper])
+        lines.append([e["label"], vs["label"], "mean", _d_fixed(vs["d_val_fixed"]), ""])
+    if not lines:
+        return ""
+    headers = [
+        "ablation",
+        "minus",
+        "seed",
+        "Δ val fixed (± eval SE; mean: ± std)",
+        "Δ val, paper protocol",
+    ]
+    return md_table(headers, lines)
+
+
 def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[str]]) -> str:
     out = ["# Table 3, regenerated", ""]
     out.append(
@@ -598,6 +644,12 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
             out.append("")
             out.append(pairs)
             out.append("")
+        ablations = render_ablations(rows)
+        if ablations:
+            out.append("### Ablations against the method they change (paired by seed)")
+            out.append("")
+            out.append(ablations)
+            out.append("")
         for fig in figures.get(exp.name, []):
             out.append(f"![validation loss]({fig})")
             out.append("")
@@ -608,19 +660,23 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
     return "\n".join(out)
 
 
-README_BLOCKS = ("table", "pairs")
+README_BLOCKS = ("table", "pairs", "ablations")
 
 
 def update_readme(path: Path, experiment: Experiment) -> None:
     """Rewrite the blocks between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in
-    ``path`` (NAME: table, pairs) with this experiment's tables, so the README's numbers are
+    ``path`` (NAME: table, pairs, ablations) with this experiment's tables, so the README's numbers are
     always the ones TABLE.md holds. Raises UsageError if a marker pair is missing."""
     try:
         text = path.read_text()
     except OSError as err:
         raise UsageError(f"--readme {path}: {err.strerror}") from None
     rows = aggregate(experiment)
-    content = {"table": render_table(experiment, rows), "pairs": render_pairs(rows) or "(none yet)"}
+    content = {
+        "table": render_table(experiment, rows),
+        "pairs": render_pairs(rows) or "(none yet)",
+        "ablations": render_ablations(rows) or "(none yet)",
+    }
     for name in README_BLOCKS:
         pattern = re.compile(
             rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", flags=re.DOTALL
@@ -787,7 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--readme",
         type=Path,
         default=None,
-        help="also rewrite the report:table and report:pairs blocks of this Markdown file\n"
+        help="also rewrite the report:table, report:pairs and report:ablations blocks of this "
+        "Markdown file\n"
         "(needs exactly one experiment, or --experiment)",
     )
     args = parser.parse_args(argv)

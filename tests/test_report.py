@@ -321,10 +321,33 @@ def test_include_unfinished_draws_partial_curves(runs, tmp_path):
     assert _row((out / "TABLE.md").read_text(), "BASIS R=8")[2] == "2"
 
 
+def test_ablations_are_paired_with_the_method_they_change(runs, tmp_path):
+    out = tmp_path / "out"
+    assert report.main([str(runs), "--out", str(out)]) == 0
+    block = (out / "TABLE.md").read_text().split("### Ablations against the method they change")
+    block = block[1].split("###")[0]
+    diffs = [
+        final("basis-r32-uniform", s, "val_fixed") - final("basis-r32", s, "val_fixed")
+        for s in (1, 2, 3)
+    ]
+    for seed, d in zip((1, 2, 3), diffs, strict=True):
+        row = _row(block, f"uniform hashing, R=32 | BASIS R=32 | {seed}")
+        assert row[3].startswith(f"{d:+.3f}")  # uniform minus balanced hashing, same seed
+    mean = _row(block, "uniform hashing, R=32 | BASIS R=32 | mean")
+    assert mean[3] == f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} (n=3)"
+    # The fixture's uniform rows sit 0.05 above balanced ones: the ablation's own cost, not
+    # its cost against exact backprop (0.07).
+    assert statistics.mean(diffs) == pytest.approx(0.05, abs=0.005)
+    data = json.loads((out / "report.json").read_text())["paper-shakespeare"]
+    vs = {r["tag"]: r for r in data["rows"]}["basis-r32-uniform"]["vs_base"]
+    assert vs["base"] == "basis-r32" and [p["seed"] for p in vs["pairs"]] == [1, 2, 3]
+
+
 def test_readme_blocks_are_rewritten_from_the_runs(runs, tmp_path, capsys):
     readme = tmp_path / "README.md"
     before = "intro\n<!-- report:table -->\nold table\n<!-- /report:table -->\nmiddle\n"
-    before += "<!-- report:pairs -->\nold\n<!-- /report:pairs -->\nend\n"
+    before += "<!-- report:pairs -->\nold\n<!-- /report:pairs -->\n"
+    before += "<!-- report:ablations -->\nold\n<!-- /report:ablations -->\nend\n"
     readme.write_text(before)
     out = tmp_path / "out"
     assert report.main([str(runs), "--out", str(out), "--readme", str(readme)]) == 0
@@ -335,6 +358,10 @@ def test_readme_blocks_are_rewritten_from_the_runs(runs, tmp_path, capsys):
     assert block in table and _row(block, "BASIS R=32") == _row(table, "BASIS R=32")
     pairs = text.split("<!-- report:pairs -->\n")[1].split("\n<!-- /report:pairs -->")[0]
     assert pairs in table.split("### Paired differences per seed")[1]
+    ablations = text.split("<!-- report:ablations -->\n")[1].split("\n<!-- /report:ablations -->")[
+        0
+    ]
+    assert ablations in table.split("### Ablations against the method they change")[1]
     # A second run changes nothing: the blocks are replaced, not appended to.
     assert report.main([str(runs), "--out", str(out), "--readme", str(readme)]) == 0
     assert readme.read_text() == text
