@@ -80,7 +80,7 @@ def count_sketch(
         rows.data_ptr(),
         n,
         k,
-        max(rows.stride(0), 1),
+        rows.stride(0),  # 0 for rows broadcast from one (an expanded gradient)
         h.data_ptr(),
         s.data_ptr(),
         rank,

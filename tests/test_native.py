@@ -70,6 +70,20 @@ def test_strided_rows_are_read_in_place() -> None:
 
 
 @needs_compiler
+def test_rows_broadcast_from_one_row() -> None:
+    # e.g. the gradient of (y * v).sum(): every row of dY is v, stored once (row stride 0).
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(300, generator=gen).expand(64, 300)
+    assert rows.stride() == (0, 1)
+    sk = draw_sketch(64, 8, "balanced", gen, torch.device("cpu"))
+    out, sq_rows, sq_out = native.count_sketch(rows, sk.h, sk.s, sk.rank)
+    want, want_rows, want_out = reference(rows.contiguous(), sk.h, sk.s, sk.rank)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
+    assert sq_out == pytest.approx(want_out, rel=1e-6)
+
+
+@needs_compiler
 def test_bitwise_the_same_for_any_thread_count() -> None:
     # Per-block partial sums are combined in block order: 1 and 2 threads agree bit for bit, so
     # a resumed run reproduces an uninterrupted one whatever `threads` it was given.
