@@ -74,6 +74,10 @@ def count_sketch(
     if fn is None:
         return None
     n, k = rows.shape
+    if h.numel() != n or s.numel() != n:
+        raise ValueError(
+            f"h and s must have one entry per row ({n}), got {h.numel()} and {s.numel()}"
+        )
     out = torch.empty(rank, k, dtype=torch.float32)
     sq = (ctypes.c_double * 2)()
     status = fn(

@@ -110,6 +110,8 @@ def test_bad_bins_raise_instead_of_writing_out_of_bounds() -> None:
         native.count_sketch(rows, torch.tensor([0, 1, 3, 2]), s, 3)
     with pytest.raises(ValueError, match="bin ids"):
         Sketch(rank=3, h=torch.tensor([0, -1, 2, 2]), s=s).apply(rows)
+    with pytest.raises(ValueError, match=r"one entry per row \(4\), got 3 and 4"):
+        native.count_sketch(rows, torch.tensor([0, 1, 2]), s, 3)
 
 
 @needs_compiler
