@@ -638,18 +638,12 @@ def render_markdown(experiments: Sequence[Experiment], figures: dict[str, list[s
                 "No per-chunk fixed-set losses (scripts/eval_fixed.py), so no standard error."
             )
         out.append("")
-        pairs = render_pairs(rows)
-        if pairs:
-            out.append("### Paired differences per seed")
-            out.append("")
-            out.append(pairs)
-            out.append("")
-        ablations = render_ablations(rows)
-        if ablations:
-            out.append("### Ablations against the method they change (paired by seed)")
-            out.append("")
-            out.append(ablations)
-            out.append("")
+        for title, body in (
+            ("Paired differences per seed", render_pairs(rows)),
+            ("Ablations against the method they change (paired by seed)", render_ablations(rows)),
+        ):
+            if body:
+                out.extend([f"### {title}", "", body, ""])
         for fig in figures.get(exp.name, []):
             out.append(f"![validation loss]({fig})")
             out.append("")

@@ -33,6 +33,15 @@ def reference(rows: torch.Tensor, h: torch.Tensor, s: torch.Tensor, rank: int):
     return out, rows64.square().sum().item(), out.square().sum().item()
 
 
+def assert_matches_definition(rows, h, s, rank: int) -> None:
+    out, sq_rows, sq_out = native.count_sketch(rows, h, s, rank)
+    want, want_rows, want_out = reference(rows.contiguous(), h, s, rank)
+    # fp32 sums of at most ceil(n / rank) terms; the norms are accumulated in double.
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
+    assert sq_out == pytest.approx(want_out, rel=1e-6)
+
+
 @needs_compiler
 @pytest.mark.parametrize(
     ("n", "k", "rank"),
@@ -49,12 +58,7 @@ def test_matches_the_definition(n: int, k: int, rank: int) -> None:
     rows = torch.randn(n, k, generator=gen)
     h = torch.randint(0, rank, (n,), generator=gen)
     s = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
-    out, sq_rows, sq_out = native.count_sketch(rows, h, s, rank)
-    want, want_rows, want_out = reference(rows, h, s, rank)
-    # fp32 sums of at most ceil(n / rank) terms; the norms are accumulated in double.
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
-    assert sq_out == pytest.approx(want_out, rel=1e-6)
+    assert_matches_definition(rows, h, s, rank)
 
 
 @needs_compiler
@@ -63,10 +67,7 @@ def test_strided_rows_are_read_in_place() -> None:
     wide = torch.randn(40, 700, generator=gen)
     rows = wide[:, 50:650]  # row stride 700, not 600
     sk = draw_sketch(40, 8, "balanced", gen, torch.device("cpu"))
-    out, sq_rows, _ = native.count_sketch(rows, sk.h, sk.s, sk.rank)
-    want, want_rows, _ = reference(rows, sk.h, sk.s, sk.rank)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
+    assert_matches_definition(rows, sk.h, sk.s, sk.rank)
 
 
 @needs_compiler
@@ -76,11 +77,7 @@ def test_rows_broadcast_from_one_row() -> None:
     rows = torch.randn(300, generator=gen).expand(64, 300)
     assert rows.stride() == (0, 1)
     sk = draw_sketch(64, 8, "balanced", gen, torch.device("cpu"))
-    out, sq_rows, sq_out = native.count_sketch(rows, sk.h, sk.s, sk.rank)
-    want, want_rows, want_out = reference(rows.contiguous(), sk.h, sk.s, sk.rank)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    assert sq_rows == pytest.approx(want_rows, rel=1e-6)
-    assert sq_out == pytest.approx(want_out, rel=1e-6)
+    assert_matches_definition(rows, sk.h, sk.s, sk.rank)
 
 
 @needs_compiler
