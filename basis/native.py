@@ -101,7 +101,7 @@ def count_sketch(
 
 def _compiler() -> str | None:
     names = [os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc"]
-    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+    return next((path for n in names if n and (path := shutil.which(n))), None)
 
 
 def _load():

@@ -659,8 +659,8 @@ README_BLOCKS = ("table", "pairs", "ablations")
 
 def update_readme(path: Path, experiment: Experiment) -> None:
     """Rewrite the blocks between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in
-    ``path`` (NAME: table, pairs, ablations) with this experiment's tables, so the README's numbers are
-    always the ones TABLE.md holds. Raises UsageError if a marker pair is missing."""
+    ``path`` (NAME: table, pairs, ablations) with this experiment's tables, so the README's
+    numbers are always the ones TABLE.md holds. Raises UsageError if a marker pair is missing."""
     try:
         text = path.read_text()
     except OSError as err:
