@@ -131,9 +131,7 @@ def _sketch_for(
     """The forward's sketch, rebuilt identically in backward from the given (h, s) or the seed."""
     if h is not None:
         return Sketch(rank=min(rank, rows), h=h.to(device=device, dtype=torch.long), s=s.float())
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return draw_sketch(rows, rank, hashing, gen, device)
+    return draw_sketch(rows, rank, hashing, seed, device)
 
 
 def basis_linear(

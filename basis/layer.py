@@ -83,7 +83,7 @@ class BasisLinear(Linear):
             return fast_linear(x, self.weight, self.bias)
         return self._sketched(x)
 
-    @torch.compiler.disable  # the per-call generator and counter are host-side state
+    @torch.compiler.disable  # the per-call seed counter is host-side state
     def _sketched(self, x: torch.Tensor) -> torch.Tensor:
         seed = mix_seed(self.seed, self.calls)
         self.calls += 1

@@ -1,4 +1,5 @@
-"""The count sketch's compiled CPU kernel (``csrc/count_sketch.c``): S X and both norms in one pass.
+"""The count sketch's compiled CPU kernels (``csrc/count_sketch.c``): S X and both norms in one
+pass, and the draw of h and s from a seed (the SplitMix64 streams of ``rng.py``, bit for bit).
 
 At the paper's size a sketched call is dominated by per-op overhead, not arithmetic: in PyTorch ops
 S X (a scatter and a GEMM, or a CSR product) and the two norms of the invariant scalar are five to
@@ -9,8 +10,8 @@ The C file is compiled at first use with the system C compiler into the user cac
 (``data.cache.cache_dir()``) and loaded with ctypes, so there is no build step, no PyTorch headers
 and nothing to install; its threads come from the OpenMP runtime PyTorch has already loaded.
 Without a compiler, or with ``BASIS_NATIVE=0``, or if its first-use self-check against PyTorch
-fails, everything runs through PyTorch ops as before (one warning says why). Results agree with
-the PyTorch route to fp32 rounding, not bit for bit.
+fails, everything runs through PyTorch ops as before (one warning says why). Sketches agree with
+the PyTorch route to fp32 rounding, not bit for bit; drawn h and s are identical.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .rng import SIGN_SALT, count_sketch_hashes
+
 _SOURCE = Path(__file__).with_name("csrc") / "count_sketch.c"
 # Tried in order: OpenMP and this CPU's vector units, then without each.
 _FLAG_SETS = (
@@ -34,21 +37,21 @@ _FLAG_SETS = (
     ["-O3", "-fopenmp"],
     ["-O3"],
 )
-_state: dict[str, object] = {"fn": None, "tried": False}
+_state: dict[str, object] = {"lib": None, "tried": False}
 
 
 def available() -> bool:
-    """Whether the compiled kernel is enabled here, built and self-checked (done once)."""
+    """Whether the compiled kernels are enabled here, built and self-checked (done once)."""
     return _kernel() is not None
 
 
-def _kernel():
+def _kernel() -> ctypes.CDLL | None:
     if os.environ.get("BASIS_NATIVE", "1") == "0":
         return None
     if not _state["tried"]:
         _state["tried"] = True
-        _state["fn"] = _load()
-    return _state["fn"]
+        _state["lib"] = _load()
+    return _state["lib"]
 
 
 def count_sketch(
@@ -70,8 +73,8 @@ def count_sketch(
         or torch.compiler.is_compiling()
     ):
         return None
-    fn = _kernel()
-    if fn is None:
+    lib = _kernel()
+    if lib is None:
         return None
     n, k = rows.shape
     if h.numel() != n or s.numel() != n:
@@ -80,7 +83,7 @@ def count_sketch(
         )
     out = torch.empty(rank, k, dtype=torch.float32)
     sq = (ctypes.c_double * 2)()
-    status = fn(
+    status = lib.basis_count_sketch_f32(
         rows.data_ptr(),
         n,
         k,
@@ -97,6 +100,25 @@ def count_sketch(
     if status != 0:
         raise MemoryError("count sketch: out of memory for per-block sums")
     return out, sq[0], sq[1]
+
+
+def draw_count_sketch(
+    rows: int, rank: int, balanced: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(h, s)`` on CPU, equal to ``rng.count_sketch_hashes``; None without the kernel."""
+    lib = _kernel()
+    if lib is None or torch.compiler.is_compiling():
+        return None
+    h = torch.empty(rows, dtype=torch.int64)
+    s = torch.empty(rows, dtype=torch.float32)
+    status = lib.basis_draw_count_sketch(
+        seed, seed ^ SIGN_SALT, rows, rank, int(balanced), h.data_ptr(), s.data_ptr()
+    )
+    if status == -1:
+        raise ValueError(f"a count sketch needs rows >= 0 and rank >= 1, got {rows} and {rank}")
+    if status != 0:
+        raise MemoryError("count sketch: out of memory for the draw")
+    return h, s
 
 
 def _compiler() -> str | None:
@@ -118,15 +140,17 @@ def _load():
         if not lib.exists() and not _compile(compiler, flags, lib):
             continue
         try:
-            fn = ctypes.CDLL(str(lib)).basis_count_sketch_f32
+            dll = ctypes.CDLL(str(lib))
+            sketch, draw = dll.basis_count_sketch_f32, dll.basis_draw_count_sketch
         except (OSError, AttributeError):
             continue
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-        fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        fn.argtypes += [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
-        if _self_check(fn):
-            return fn
+        sketch.restype = draw.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        sketch.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
+        sketch.argtypes += [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+        draw.argtypes = [ctypes.c_uint64, ctypes.c_uint64, i64, i64, ctypes.c_int, ptr, ptr]
+        if _self_check(dll):
+            return dll
     return _give_up(f"{compiler} could not build a kernel that passes its self-check")
 
 
@@ -144,7 +168,15 @@ def _compile(compiler: str, flags: list[str], lib: Path) -> bool:
         return False
 
 
-def _self_check(fn) -> bool:
+def _self_check(dll: ctypes.CDLL) -> bool:
+    for seed, balanced in ((2**64 - 1, True), (12345, False)):
+        h, s = torch.empty(37, dtype=torch.int64), torch.empty(37)
+        args = (seed, seed ^ SIGN_SALT, 37, 5, balanced, h.data_ptr(), s.data_ptr())
+        if dll.basis_draw_count_sketch(*args) != 0:
+            return False
+        want_h, want_s = count_sketch_hashes(37, 5, balanced, seed)
+        if not (torch.equal(h, want_h) and torch.equal(s, want_s)):
+            return False
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(37, 1100, generator=gen)
     h = torch.randint(0, 5, (37,), generator=gen)
@@ -152,7 +184,7 @@ def _self_check(fn) -> bool:
     out = torch.empty(5, 1100)
     sq = (ctypes.c_double * 2)()
     args = (rows.data_ptr(), 37, 1100, 1100, h.data_ptr(), s.data_ptr(), 5)
-    if fn(*args, out.data_ptr(), sq, 2) != 0:
+    if dll.basis_count_sketch_f32(*args, out.data_ptr(), sq, 2) != 0:
         return False
     expect = torch.zeros(5, 1100, dtype=torch.float64).index_add_(0, h, rows.double() * s[:, None])
     sq_rows, sq_out = sq[0], sq[1]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
+from .rng import count_sketch_hashes
 
 HASHINGS = ("balanced", "uniform", "gaussian")
 # Below this many elements (64 × 2,048) building the CSR matrix costs more than index_add_'s
@@ -110,23 +111,25 @@ def draw_sketch(
     rows: int,
     rank: int,
     hashing: str,
-    generator: torch.Generator,
-    device: torch.device,
+    seed: int,
+    device: torch.device | str = "cpu",
 ) -> Sketch:
-    """Draw S for ``rows`` rows into ``min(rank, rows)`` bins (spec §1, forward steps 2-4)."""
+    """Draw S for ``rows`` rows into ``min(rank, rows)`` bins from ``seed`` (an integer in
+    [0, 2⁶⁴)) (spec §1, forward steps 2-4). The same seed gives the same count sketch on every
+    device (``rng.py``); on CPU the compiled kernel draws it in one call."""
     r_eff = min(rank, rows)
     if hashing == "gaussian":
-        dense = torch.randn(r_eff, rows, generator=generator, device=device) / r_eff**0.5
+        gen = torch.Generator(device=device).manual_seed(seed)
+        dense = torch.randn(r_eff, rows, generator=gen, device=device) / r_eff**0.5
         return Sketch(rank=r_eff, dense=dense)
-    if hashing == "balanced":
-        # h = random_permutation(arange(B) mod R): each bin gets floor(B/R) or ceil(B/R) rows.
-        h = torch.randperm(rows, generator=generator, device=device) % r_eff
-    elif hashing == "uniform":
-        h = torch.randint(0, r_eff, (rows,), generator=generator, device=device)
-    else:
+    if hashing not in ("balanced", "uniform"):
         raise ValueError(f"hashing must be one of {HASHINGS}, got {hashing!r}")
-    s = torch.randint(0, 2, (rows,), generator=generator, device=device, dtype=torch.float32)
-    s = s.mul_(2).sub_(1)
+    # balanced: h = random_permutation(arange(B) mod R), so each bin gets ⌊B/R⌋ or ⌈B/R⌉ rows.
+    balanced = hashing == "balanced"
+    drawn = None
+    if torch.device(device).type == "cpu":
+        drawn = native.draw_count_sketch(rows, r_eff, balanced, seed)
+    h, s = drawn if drawn is not None else count_sketch_hashes(rows, r_eff, balanced, seed, device)
     return Sketch(rank=r_eff, h=h, s=s)
 
 

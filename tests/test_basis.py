@@ -60,7 +60,7 @@ def test_full_rank_is_scaled_exact(lam, scale, invariant_scalars):
 def test_balanced_bins_hold_floor_or_ceil_rows(rows, rank):
     r_eff = min(rank, rows)
     for seed in range(5):
-        sk = draw_sketch(rows, rank, "balanced", torch.Generator().manual_seed(seed), "cpu")
+        sk = draw_sketch(rows, rank, "balanced", seed)
         counts = torch.bincount(sk.h, minlength=r_eff)
         assert sk.rank == r_eff and counts.numel() == r_eff
         assert counts.min() >= rows // r_eff and counts.max() <= -(-rows // r_eff)
@@ -69,7 +69,7 @@ def test_balanced_bins_hold_floor_or_ceil_rows(rows, rank):
 
 def test_uniform_bins_are_not_balanced():
     # A control for the test above: uniform hashing does leave bins uneven.
-    sk = draw_sketch(64, 8, "uniform", torch.Generator().manual_seed(0), "cpu")
+    sk = draw_sketch(64, 8, "uniform", seed=0)
     counts = torch.bincount(sk.h, minlength=8)
     assert counts.max() - counts.min() > 1
 
@@ -141,7 +141,7 @@ def test_invariant_scalars_preserve_frobenius_norms():
     torch.manual_seed(4)
     rows = torch.randn(64, 16)
     for hashing in ("balanced", "uniform", "gaussian"):
-        sk = draw_sketch(64, 8, hashing, torch.Generator().manual_seed(0), "cpu")
+        sk = draw_sketch(64, 8, hashing, seed=0)
         sketched = sk.apply(rows)
         assert sketched.shape == (8, 16)
         x_hat = invariant_scalar(rows, sketched, 1e-8) * sketched
@@ -405,7 +405,7 @@ def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
     """S X by the small dense GEMM, the CPU sparse product, the index_add_ path other devices
     take and the R = 1 vector product all equal the dense ±1 matrix S (R × B) times X, in fp32 and fp64."""
     gen = torch.Generator().manual_seed(rows * 100 + rank)
-    sketch = draw_sketch(rows, rank, hashing, gen, torch.device("cpu"))
+    sketch = draw_sketch(rows, rank, hashing, seed=rows * 100 + rank)
     dense = torch.zeros(sketch.rank, rows, dtype=torch.float64)
     dense[sketch.h, torch.arange(rows)] = sketch.s.double()
     for dtype in (torch.float32, torch.float64):
@@ -420,7 +420,7 @@ def test_every_way_of_applying_s_is_the_dense_product(hashing, rows, rank):
         numel = max(_CSR_MIN_NUMEL, _DENSE_MAX_MACS // sketch.rank + 1)
         wide = torch.randn(rows, numel // rows + 1, generator=gen, dtype=dtype)
         torch.testing.assert_close(sketch.apply(wide), (dense @ wide.double()).to(dtype))
-    gaussian = draw_sketch(rows, rank, "gaussian", gen, torch.device("cpu"))
+    gaussian = draw_sketch(rows, rank, "gaussian", seed=rows * 100 + rank)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the sums stay in the rows' fp32
         x = torch.randn(rows, 11, generator=gen)
         assert sketch.apply(x).dtype == gaussian.apply(x).dtype == torch.float32

@@ -66,7 +66,7 @@ def test_strided_rows_are_read_in_place() -> None:
     gen = torch.Generator().manual_seed(1)
     wide = torch.randn(40, 700, generator=gen)
     rows = wide[:, 50:650]  # row stride 700, not 600
-    sk = draw_sketch(40, 8, "balanced", gen, torch.device("cpu"))
+    sk = draw_sketch(40, 8, "balanced", seed=1)
     assert_matches_definition(rows, sk.h, sk.s, sk.rank)
 
 
@@ -76,7 +76,7 @@ def test_rows_broadcast_from_one_row() -> None:
     gen = torch.Generator().manual_seed(5)
     rows = torch.randn(300, generator=gen).expand(64, 300)
     assert rows.stride() == (0, 1)
-    sk = draw_sketch(64, 8, "balanced", gen, torch.device("cpu"))
+    sk = draw_sketch(64, 8, "balanced", seed=5)
     assert_matches_definition(rows, sk.h, sk.s, sk.rank)
 
 
@@ -86,7 +86,7 @@ def test_bitwise_the_same_for_any_thread_count() -> None:
     # a resumed run reproduces an uninterrupted one whatever `threads` it was given.
     gen = torch.Generator().manual_seed(2)
     rows = torch.randn(64, 50257, generator=gen)
-    sk = draw_sketch(64, 32, "balanced", gen, torch.device("cpu"))
+    sk = draw_sketch(64, 32, "balanced", seed=2)
     before = torch.get_num_threads()
     try:
         results = []
@@ -127,7 +127,7 @@ def test_inputs_it_does_not_take_go_to_pytorch_ops() -> None:
 def test_sketch_routes_agree_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(64, 256, generator=gen)
-    sk = draw_sketch(64, 32, "balanced", gen, torch.device("cpu"))
+    sk = draw_sketch(64, 32, "balanced", seed=3)
     fused, gamma = sk.apply_with_gamma(rows, 1e-8)
     assert isinstance(gamma, float)  # the kernel's route: γ from its two norms
     monkeypatch.setenv("BASIS_NATIVE", "0")
@@ -151,7 +151,10 @@ def test_weight_gradient_is_the_same_with_and_without_the_kernel(
         w.grad = None
         basis_linear(x, w, rank=8, lam=0.01, seed=11).backward(dy)
         grads.append(w.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    # Same seed, same h and s either way (rng.py); only fp32 rounding of the sums may differ,
+    # so the tolerance is relative to dW's scale (another sketch would be off by O(scale)).
+    scale = float(grads[0].abs().max())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_no_compiler_warns_once_and_falls_back(

@@ -8,6 +8,10 @@
  * each block's squared norms go to its own slot and are summed in block order afterwards, so the
  * result does not depend on the thread count or the schedule (bit-identical reruns and resumes).
  *
+ * basis_draw_count_sketch draws h and s themselves from a 64-bit seed with SplitMix64, a
+ * counter-based generator: element i of a stream is a function of (seed, i) alone, so
+ * basis/sketch.py computes the very same h and s with PyTorch integer ops on any device.
+ *
  * Built and loaded by basis/native.py; without a C compiler PyTorch ops compute the same values.
  */
 #include <stdint.h>
@@ -16,6 +20,70 @@
 
 #define BLOCK 512
 #define FLUSH 64
+
+/* Element i of the SplitMix64 stream started at seed (Steele, Lea & Flood 2014). */
+static uint64_t splitmix64(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+typedef struct {
+    uint64_t key;
+    int64_t row;
+} keyed_row;
+
+/* Sorts a[0..n) by (key, row) for a[] in row order, using tmp[0..n); returns where the result is.
+ * Up to 128 rows an insertion sort; above, an LSD radix sort, 8 bits a pass, each pass stable so
+ * equal keys stay in row order. Both beat qsort's call per comparison on random keys. */
+static keyed_row *sort_keyed_rows(keyed_row *a, keyed_row *tmp, int64_t n) {
+    if (n <= 128) {
+        for (int64_t i = 1; i < n; ++i) {
+            const keyed_row v = a[i];
+            int64_t j = i;
+            for (; j > 0 && a[j - 1].key > v.key; --j) a[j] = a[j - 1];
+            a[j] = v;
+        }
+        return a;
+    }
+    for (int shift = 0; shift < 64; shift += 8) {
+        int64_t start[257] = {0};
+        for (int64_t i = 0; i < n; ++i) ++start[((a[i].key >> shift) & 255) + 1];
+        for (int d = 0; d < 256; ++d) start[d + 1] += start[d];
+        for (int64_t i = 0; i < n; ++i) tmp[start[(a[i].key >> shift) & 255]++] = a[i];
+        keyed_row *t = a;
+        a = tmp;
+        tmp = t;
+    }
+    return a;
+}
+
+/* h (bins in [0, rank)) and s (+-1) for `rows` rows. Balanced: rows are ranked by a random key
+ * (ties by row) and row i goes to bin rank_i mod R, i.e. h = random_permutation(arange(B) mod R);
+ * uniform: h_i = key_i mod R. Keys are the top 63 bits of the stream from `seed`; signs are the
+ * top bit of the stream from `sign_seed`. Returns 0, -1 for a bad size, -2 if out of memory. */
+int basis_draw_count_sketch(uint64_t seed, uint64_t sign_seed, int64_t rows, int64_t rank,
+                            int balanced, int64_t *restrict h, float *restrict s) {
+    if (rows < 0 || rank < 1) return -1;
+    for (int64_t i = 0; i < rows; ++i)
+        s[i] = splitmix64(sign_seed, (uint64_t)i) >> 63 ? -1.0f : 1.0f;
+    if (!balanced) {
+        for (int64_t i = 0; i < rows; ++i)
+            h[i] = (int64_t)((splitmix64(seed, (uint64_t)i) >> 1) % (uint64_t)rank);
+        return 0;
+    }
+    keyed_row *buf = malloc(2 * (size_t)(rows > 0 ? rows : 1) * sizeof(keyed_row));
+    if (!buf) return -2;
+    for (int64_t i = 0; i < rows; ++i) {
+        buf[i].key = splitmix64(seed, (uint64_t)i) >> 1;
+        buf[i].row = i;
+    }
+    const keyed_row *order = sort_keyed_rows(buf, buf + rows, rows);
+    for (int64_t j = 0; j < rows; ++j) h[order[j].row] = j % rank;
+    free(buf);
+    return 0;
+}
 
 /* Adds acc[0..n) up in double and zeroes it. */
 static double flush(float *restrict acc, int64_t n) {
