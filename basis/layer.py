@@ -11,18 +11,7 @@ from torch import nn
 
 from .functional import basis_linear, check_settings
 from .gemm import Linear, fast_linear
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from integers (SplitMix64 finaliser), stable across processes."""
-    z = 0x9E3779B97F4A7C15
-    for v in values:
-        z = (z ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        z = (z ^ (z >> 31)) * 0x94D049BB133111EB & _MASK64
-        z ^= z >> 29
-    return z >> 1
+from .rng import mix_seed
 
 
 def layer_seed(seed: int, name: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+_MASK64 = (1 << 64) - 1
 _PHI = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
@@ -20,9 +21,20 @@ _MIX2 = 0x94D049BB133111EB
 SIGN_SALT = 0xD1B54A32D192ED03
 
 
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (SplitMix64's multipliers), stable across processes:
+    the per-layer, per-call and per-rank seeds that the streams below start from."""
+    z = _PHI
+    for v in values:
+        z = (z ^ (v & _MASK64)) * _MIX1 & _MASK64
+        z = (z ^ (z >> 31)) * _MIX2 & _MASK64
+        z ^= z >> 29
+    return z >> 1
+
+
 def _as_int64(u: int) -> int:
     """The int64 whose bits are those of the uint64 ``u``."""
-    u &= (1 << 64) - 1
+    u &= _MASK64
     return u - (1 << 64) if u >> 63 else u
 
 
