@@ -405,10 +405,10 @@ def _se(run: Run) -> float | None:
 def aggregate(exp: Experiment) -> list[dict[str, Any]]:
     """One dict per table row: per-metric mean/std/n over finished seeds and paired differences."""
     tags = sorted(set(MAIN_ROWS) | {t for t, _ in exp.runs}, key=row_order)
-    exact = {s: r for (t, s), r in exp.runs.items() if t == "exact" and r.finished}
+    exact = _finished(exp, "exact")
     rows = []
     for tag in tags:
-        finished = {s: r for (t, s), r in exp.runs.items() if t == tag and r.finished}
+        finished = _finished(exp, tag)
         entry: dict[str, Any] = {
             "tag": tag,
             "label": row_label(tag),
@@ -442,8 +442,7 @@ def aggregate(exp: Experiment) -> list[dict[str, Any]]:
             entry["d_val_fixed"]["se"] = _mean_pair_se(entry["pairs"])
         if tag in ABLATION_BASE:
             base = ABLATION_BASE[tag]
-            ref = {s: r for (t, s), r in exp.runs.items() if t == base and r.finished}
-            pairs = _pairs(finished, ref)
+            pairs = _pairs(finished, _finished(exp, base))
             diffs = [p["d_val_fixed"] for p in pairs if p["d_val_fixed"] is not None]
             mean, std = mean_std(diffs)
             entry["vs_base"] = {
@@ -467,6 +466,11 @@ def _pair_se(exact: Run, run: Run) -> float | None:
     if not a or not b or len(a) != len(b):
         return None
     return mean_se([y - x for x, y in zip(a, b, strict=True)])[1]
+
+
+def _finished(exp: Experiment, tag: str) -> dict[int | None, Run]:
+    """The finished runs of one row, by seed."""
+    return {s: r for (t, s), r in exp.runs.items() if t == tag and r.finished}
 
 
 def _mean_pair_se(pairs: list[dict[str, Any]]) -> float | None:
@@ -561,20 +565,22 @@ def render_table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
     return md_table(headers, table)
 
 
-def render_pairs(rows: list[dict[str, Any]]) -> str:
-    """One line per (row, seed): BASIS minus exact backprop of the same seed."""
+def _pair_cells(pair: dict[str, Any]) -> list[str]:
+    """A seed's two Δ cells: fixed set ± its evaluation SE, and the paper's protocol."""
 
     def cell(v: float | None, se: float | None = None) -> str:
         if v is None:
             return "–"
         return f"{v:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
+    return [cell(pair["d_val_fixed"], pair["d_val_fixed_se"]), cell(pair["d_val"])]
+
+
+def render_pairs(rows: list[dict[str, Any]]) -> str:
+    """One line per (row, seed): BASIS minus exact backprop of the same seed."""
     lines = [
-        [e["label"], pair["seed"], cell(pair["d_val_fixed"], pair["d_val_fixed_se"]),
-         cell(pair["d_val"])]
-        for e in rows
-        for pair in e.get("pairs", [])
-    ]  # fmt: skip
+        [e["label"], pair["seed"], *_pair_cells(pair)] for e in rows for pair in e.get("pairs", [])
+    ]
     if not lines:
         return ""
     headers = ["run", "seed", "Δ val fixed (± eval SE)", "Δ val, paper protocol"]
@@ -590,10 +596,7 @@ def render_ablations(rows: list[dict[str, Any]]) -> str:
         if not vs or not vs["pairs"]:
             continue
         for pair in vs["pairs"]:
-            d, se = pair["d_val_fixed"], pair["d_val_fixed_se"]
-            fixed = "–" if d is None else f"{d:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
-            paper = "–" if pair["d_val"] is None else f"{pair['d_val']:+.3f}"
-            lines.append([e["label"], vs["label"], pair["seed"], fixed, paper])
+            lines.append([e["label"], vs["label"], pair["seed"], *_pair_cells(pair)])
         lines.append([e["label"], vs["label"], "mean", _d_fixed(vs["d_val_fixed"]), ""])
     if not lines:
         return ""
