@@ -10,10 +10,13 @@ import math
 
 import torch
 
-from . import gemm
-from .sketch import HASHINGS, Sketch, draw_sketch
+from . import gemm, native
+from .sketch import HASHINGS, Sketch, draw_sketch, scalar_from_squares
 
 _SEED_BOUND = 2**62
+# A sketched dY up to this many elements is scaled by the kernel as it is made (R = 32, M = 256:
+# 8,192); a larger one (the head's R × 50,257) leaves the scaling to the smaller X̂.
+_SCALE_IN_SKETCH_MAX = 1 << 15
 
 
 def check_settings(
@@ -66,14 +69,11 @@ class _BasisLinearFn(torch.autograd.Function):
         y = gemm.linear(x, weight, bias)
 
         rows = x.reshape(-1, x.shape[-1]).float()  # norms and sums in fp32, whatever x's dtype
-        sketch = _sketch_for(rows.shape[0], rank, hashing, seed, h, s, x.device)
         # Step 5: X̃ = S X, a signed segment sum into R_eff bins.
         # Step 6: γ_X = ‖X‖_F / (‖X̃‖_F + ε); X̂ = γ_X X̃ keeps the activations' energy.
-        if invariant_scalars:
-            x_hat, gamma_x = sketch.apply_with_gamma(rows, eps)
-            x_hat.mul_(gamma_x)
-        else:
-            x_hat = sketch.apply(rows)
+        x_hat, _, _ = _sketch_rows(
+            rows, rank, hashing, seed, h, s, eps, invariant_scalars, mult=1.0
+        )
 
         # Step 7: keep X̂ (R_eff × N), W (the parameter itself, no copy) and h, s — or only the
         # seed that regenerates them, so nothing of X's size (B × N) outlives the forward.
@@ -96,42 +96,74 @@ class _BasisLinearFn(torch.autograd.Function):
         # Step 1: dX = dY W, exact — error propagation is never approximated.
         if ctx.needs_input_grad[0]:
             dx = gemm.input_grad(dy, weight.to(dy.dtype)).to(ctx.x_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy_rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        want_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            dy32 = dy_rows.float()
             h, s = given if given else (None, None)
-            sketch = _sketch_for(dy32.shape[0], rank, hashing, seed, h, s, dy.device)
             # Step 2: dỸ = S dY with the same h and s as the forward; γ_dY rescales its norm.
             # Step 3 and 4 folded into one scalar: (1−λ) on X̂ and on dŶ, times `scale`. It
-            # multiplies the small X̂ (R × N) rather than dŶ (R × M, 50,257 wide at the head).
+            # multiplies the smaller of dŶ (R × M, 50,257 wide at the head) and X̂ (R × N); a small
+            # dŶ is scaled by the kernel that makes it, which also sums dY's columns for db.
             coef = scale * (1.0 - lam) ** 2
-            if invariant_scalars:
-                dy_hat, gamma_dy = sketch.apply_with_gamma(dy32, eps)
+            in_sketch = coef != 0.0 and (
+                len(x_hat) * dy_rows.shape[1] <= max(x_hat.numel(), _SCALE_IN_SKETCH_MAX)
+            )
+            dy_hat, gamma_dy, db = _sketch_rows(
+                dy_rows.float(), rank, hashing, seed, h, s, eps, invariant_scalars,
+                mult=coef if in_sketch else None, colsum=want_db,
+            )  # fmt: skip
+            if not in_sketch:
                 x_hat = x_hat * (gamma_dy * coef)
-            else:
-                dy_hat = sketch.apply(dy32)
-                x_hat = x_hat * coef
             # (M, N) = dŶᵀ X̂, the transpose of the paper's X̂ᵀ dŶ; at R = 1 an outer product,
             # since a GEMM with inner dimension 1 costs as much as the exact one.
             dw = torch.outer(dy_hat[0], x_hat[0]) if len(x_hat) == 1 else dy_hat.t() @ x_hat
             dw = dw.to(weight.dtype)
+        if want_db:
+            db = (dy_rows.sum(0, dtype=torch.float32) if db is None else db).to(ctx.bias_dtype)
         return dx, dw, db, None
 
 
-def _sketch_for(
-    rows: int,
+def _sketch_rows(
+    rows: torch.Tensor,
     rank: int,
     hashing: str,
     seed: int | None,
     h: torch.Tensor | None,
     s: torch.Tensor | None,
-    device: torch.device,
-) -> Sketch:
-    """The forward's sketch, rebuilt identically in backward from the given (h, s) or the seed."""
+    eps: float,
+    invariant_scalars: bool,
+    *,
+    mult: float | None = None,
+    colsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | None]:
+    """``(S rows, γ, column sums of rows or None)`` for the sketch given by (h, s) or drawn from the
+    seed, identically in forward and backward; γ = 1 without invariant scalars. With ``mult``
+    the sketch comes back already multiplied by ``mult · γ``. A seeded count sketch of fp32 CPU
+    rows is drawn, applied, scaled and column-summed in one compiled call: at the paper's size
+    each call costs more than its arithmetic."""
+    r_eff = min(rank, rows.shape[0])
+    if h is None and hashing != "gaussian" and mult != 0.0:  # the kernel reads mult 0 as "none"
+        fused = native.seeded_count_sketch(
+            rows, r_eff, hashing == "balanced", seed,
+            colsum=colsum, mult=mult or 0.0, invariant=invariant_scalars, eps=eps,
+        )  # fmt: skip
+        if fused is not None:
+            out, sq_rows, sq_out, sums = fused
+            return (
+                out,
+                scalar_from_squares(sq_rows, sq_out, eps) if invariant_scalars else 1.0,
+                sums,
+            )
     if h is not None:
-        return Sketch(rank=min(rank, rows), h=h.to(device=device, dtype=torch.long), s=s.float())
-    return draw_sketch(rows, rank, hashing, seed, device)
+        sketch = Sketch(rank=r_eff, h=h.to(device=rows.device, dtype=torch.long), s=s.float())
+    else:
+        sketch = draw_sketch(rows.shape[0], rank, hashing, seed, rows.device)
+    if invariant_scalars:
+        out, gamma = sketch.apply_with_gamma(rows, eps)
+    else:
+        out, gamma = sketch.apply(rows), 1.0
+    if mult is not None:
+        out.mul_(gamma * mult)
+    return out, gamma, rows.sum(0, dtype=torch.float32) if colsum else None
 
 
 def basis_linear(
@@ -186,5 +218,14 @@ def basis_linear(
     if seed is None and h is None:
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
-    settings = (rank, float(lam), float(scale), float(eps), invariant_scalars, hashing, seed, h, s)
+    lam, scale, eps = float(lam), float(scale), float(eps)
+    if h is None and hashing != "gaussian" and not gemm.use_onednn(x, weight):
+        # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py).
+        y = native.sketched_linear(
+            x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing == "balanced",
+            seed, _SCALE_IN_SKETCH_MAX,
+        )  # fmt: skip
+        if y is not None:
+            return y
+    settings = (rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s)
     return _BasisLinearFn.apply(x, weight, bias, settings)

@@ -58,7 +58,7 @@ class Sketch:
             fused = native.count_sketch(rows, self.h, self.s, self.rank)
             if fused is not None:
                 out, sq_rows, sq_out = fused
-                return out, math.sqrt(sq_rows) / (math.sqrt(sq_out) + eps)
+                return out, scalar_from_squares(sq_rows, sq_out, eps)
         out = self.apply(rows)
         return out, invariant_scalar(rows, out, eps)
 
@@ -136,6 +136,11 @@ def draw_sketch(
 def invariant_scalar(full: torch.Tensor, sketched: torch.Tensor, eps: float) -> torch.Tensor:
     """γ = ‖full‖_F / (‖sketched‖_F + ε), in fp32, as a 0-dim tensor (no host sync)."""
     return frobenius_norm(full) / (frobenius_norm(sketched) + eps)
+
+
+def scalar_from_squares(sq_full: float, sq_sketched: float, eps: float) -> float:
+    """γ = ‖full‖_F / (‖sketched‖_F + ε) from the two squared norms (as the kernel returns them)."""
+    return math.sqrt(sq_full) / (math.sqrt(sq_sketched) + eps)
 
 
 def frobenius_norm(t: torch.Tensor) -> torch.Tensor:

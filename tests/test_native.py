@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from basis import basis_linear, native
+from basis import BasisLinear, basis_linear, native
+from basis.functional import _SCALE_IN_SKETCH_MAX, _BasisLinearFn
 from basis.sketch import Sketch, draw_sketch
 
 needs_compiler = pytest.mark.skipif(
@@ -21,7 +22,7 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """An empty kernel cache and no kernel loaded yet in this process."""
     monkeypatch.setenv("BASIS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setitem(native._state, "tried", False)
-    monkeypatch.setitem(native._state, "fn", None)
+    monkeypatch.setitem(native._state, "lib", None)
     return tmp_path / "cache"
 
 
@@ -160,7 +161,7 @@ def test_weight_gradient_is_the_same_with_and_without_the_kernel(
 def test_no_compiler_warns_once_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, fresh_kernel
 ) -> None:
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "_compiler", lambda cpp=False: None)
     with pytest.warns(UserWarning, match="compiled count sketch unavailable .*no C compiler"):
         assert not native.available()
     rows = torch.randn(8, 5)
@@ -175,7 +176,7 @@ def test_a_failing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, fresh_ke
     false = shutil.which("false")
     if false is None:
         pytest.skip("no `false` command to stand in for a broken compiler")
-    monkeypatch.setattr(native, "_compiler", lambda: false)
+    monkeypatch.setattr(native, "_compiler", lambda cpp=False: false)
     with pytest.warns(UserWarning, match="could not build"):
         assert not native.available()
     assert not list(fresh_kernel.glob("*.so*"))  # nothing half-written left in the cache
@@ -197,3 +198,141 @@ def test_built_once_then_loaded_from_the_cache(
     monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled a second time"))
     assert native.available()
     assert list(fresh_kernel.glob("count_sketch-*.so")) == [built]
+
+
+@needs_compiler
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("invariant", [True, False])
+def test_seeded_sketch_is_draw_then_sketch_then_scale(balanced: bool, invariant: bool) -> None:
+    gen = torch.Generator().manual_seed(8)
+    rows = torch.randn(150, 700, generator=gen)  # 150 rows: more than one float flush (64)
+    seed = 2**64 - 99
+    out, sq_rows, sq_out, sums = native.seeded_count_sketch(
+        rows, 9, balanced, seed, colsum=True, mult=0.37, invariant=invariant, eps=1e-8
+    )
+    h, s = native.draw_count_sketch(150, 9, balanced, seed)
+    plain, want_rows, want_out = native.count_sketch(rows, h, s, 9)
+    assert (sq_rows, sq_out) == (want_rows, want_out)  # the same kernel on the same h and s
+    gamma = (want_rows**0.5) / (want_out**0.5 + 1e-8) if invariant else 1.0
+    torch.testing.assert_close(out, plain * (0.37 * gamma), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums.double(), rows.double().sum(0), rtol=1e-5, atol=1e-5)
+    unscaled, *_, no_sums = native.seeded_count_sketch(rows, 9, balanced, seed)
+    assert torch.equal(unscaled, plain) and no_sums is None  # mult 0: left as summed
+
+
+def _grads(fn, x, w, b, dy):
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    y = fn()
+    y.backward(dy)
+    return [y.detach()] + [t.grad.clone() for t in (x, w, b) if t is not None]
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("rows", "n_in", "n_out", "rank", "bias", "invariant", "hashing", "lam", "scale"),
+    [
+        (64, 64, 256, 32, True, True, "balanced", 0.01, 1.0),  # the paper's c_fc
+        (64, 256, 64, 32, True, True, "balanced", 0.01, 1.0),  # c_proj: dŶ scaled in the kernel
+        (16, 8, 5000, 8, False, True, "balanced", 0.0, 1.0),  # dŶ too large: X̂ scaled instead
+        (64, 64, 256, 1, True, False, "balanced", 0.01, 1.0),  # R = 1: the outer product
+        (37, 24, 40, 100, True, True, "uniform", 0.5, 3.0),  # rank > rows, uniform hashing
+        (20, 8, 12, 4, True, True, "balanced", 0.0, 0.0),  # scale 0: a zero weight gradient
+    ],
+)
+def test_operator_equals_the_python_path(
+    rows, n_in, n_out, rank, bias, invariant, hashing, lam, scale
+) -> None:
+    """The compiled operator and _BasisLinearFn run the same kernel and GEMMs: equal bit for bit."""
+    if not native.operator_available():
+        pytest.skip("the compiled operator is unavailable here (no C++ compiler or headers)")
+    gen = torch.Generator().manual_seed(rows + n_in + n_out + rank)
+    x = torch.randn(1, rows, n_in, generator=gen, requires_grad=True)
+    w = torch.randn(n_out, n_in, generator=gen, requires_grad=True)
+    b = torch.randn(n_out, generator=gen, requires_grad=True) if bias else None
+    dy = torch.randn(1, rows, n_out, generator=gen)
+    seed = 2**64 - 7  # the top bit set: passed to the operator as a negative int64
+    settings = (rank, lam, scale, 1e-8, invariant, hashing, seed, None, None)
+    op_args = (rank, lam, scale, 1e-8, invariant, hashing == "balanced", seed, _SCALE_IN_SKETCH_MAX)
+    compiled = _grads(lambda: native.sketched_linear(x, w, b, *op_args), x, w, b, dy)
+    python = _grads(lambda: _BasisLinearFn.apply(x, w, b, settings), x, w, b, dy)
+    for got, want in zip(compiled, python, strict=True):
+        assert torch.equal(got, want)
+    if scale == 0.0:
+        assert not compiled[2].any()
+
+
+@needs_compiler
+def test_layers_take_the_operator_where_it_applies() -> None:
+    if not native.operator_available():
+        pytest.skip("the compiled operator is unavailable here (no C++ compiler or headers)")
+    layer = BasisLinear(16, 32, rank=4)
+    x = torch.randn(2, 8, 16)
+    assert "SketchedLinear" in layer(x).grad_fn.name()  # fp32 CPU: the C++ node
+    assert layer.double()(x.double()).grad_fn.name() == "_BasisLinearFnBackward"  # fp64: Python
+    gaussian = BasisLinear(16, 32, rank=4, hashing="gaussian")
+    assert gaussian(x).grad_fn.name() == "_BasisLinearFnBackward"
+
+
+@needs_compiler
+def test_operator_keeps_only_the_sketch() -> None:
+    if not native.operator_available():
+        pytest.skip("the compiled operator is unavailable here (no C++ compiler or headers)")
+    layer = BasisLinear(64, 256, rank=8)
+    x = torch.randn(1, 64, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert "SketchedLinear" in y.grad_fn.name()
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == [(8, 64), (256, 64)]  # X̂ (R × N) and the weight itself, not X (64 × 64)
+    assert any(t is layer.weight or t.data_ptr() == layer.weight.data_ptr() for t in saved)
+
+
+def test_self_check_rejects_a_wrong_operator() -> None:
+    if not native.operator_available():
+        pytest.skip("the compiled operator is unavailable here (no C++ compiler or headers)")
+    op = native._registered_operator()
+    assert native._operator_self_check(op)
+
+    def other_sketch(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_seed, big):
+        return op(x, w, b, rank, lam, scale, eps, inv, balanced, seed + 1, sign_seed, big)
+
+    def wrong_scale(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_seed, big):
+        return op(x, w, b, rank, lam, scale * 1.01, eps, inv, balanced, seed, sign_seed, big)
+
+    assert not native._operator_self_check(other_sketch)
+    assert not native._operator_self_check(wrong_scale)
+
+
+def test_no_cpp_compiler_warns_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, fresh_kernel
+) -> None:
+    monkeypatch.setitem(native._op_state, "tried", False)
+    monkeypatch.setitem(native._op_state, "op", None)
+    monkeypatch.setattr(native, "_registered_operator", lambda: None)  # as in a fresh process
+    monkeypatch.setattr(native, "_compiler", lambda cpp=False: None if cpp else native_cc)
+    with pytest.warns(UserWarning, match=r"compiled operator unavailable .*no C\+\+ compiler"):
+        assert not native.operator_available()
+    x = torch.randn(16, 6)
+    w = torch.randn(4, 6, requires_grad=True)
+    y = basis_linear(x, w, rank=4, seed=0)
+    assert y.grad_fn.name() == "_BasisLinearFnBackward"
+    y.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_operator_turned_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASIS_NATIVE", "0")
+    assert not native.operator_available()
+    y = basis_linear(torch.randn(16, 6), torch.randn(4, 6, requires_grad=True), rank=4, seed=0)
+    assert y.grad_fn.name() == "_BasisLinearFnBackward"
+
+
+native_cc = native._compiler()

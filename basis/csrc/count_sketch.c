@@ -11,9 +11,12 @@
  * basis_draw_count_sketch draws h and s themselves from a 64-bit seed with SplitMix64, a
  * counter-based generator: element i of a stream is a function of (seed, i) alone, so
  * basis/sketch.py computes the very same h and s with PyTorch integer ops on any device.
+ * basis_count_sketch_seeded_f32 does both in one call: a sketched layer's per-call cost at the
+ * paper's size is mostly the calls themselves, not their arithmetic.
  *
  * Built and loaded by basis/native.py; without a C compiler PyTorch ops compute the same values.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,7 +76,7 @@ int basis_draw_count_sketch(uint64_t seed, uint64_t sign_seed, int64_t rows, int
             h[i] = (int64_t)((splitmix64(seed, (uint64_t)i) >> 1) % (uint64_t)rank);
         return 0;
     }
-    keyed_row *buf = malloc(2 * (size_t)(rows > 0 ? rows : 1) * sizeof(keyed_row));
+    keyed_row *buf = (keyed_row *)malloc(2 * (size_t)(rows > 0 ? rows : 1) * sizeof(keyed_row));
     if (!buf) return -2;
     for (int64_t i = 0; i < rows; ++i) {
         buf[i].key = splitmix64(seed, (uint64_t)i) >> 1;
@@ -95,10 +98,12 @@ static double flush(float *restrict acc, int64_t n) {
     return total;
 }
 
-/* Returns 0, or -1 if h holds a bin outside [0, rank), or -2 if out of memory. */
+/* colsum, if not NULL, receives the k column sums of x (a bias gradient, read in the same pass).
+ * Returns 0, or -1 if h holds a bin outside [0, rank), or -2 if out of memory. */
 int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int64_t ldx,
                            const int64_t *restrict h, const float *restrict s, int64_t rank,
-                           float *restrict out, double *restrict sq, int nthreads) {
+                           float *restrict out, double *restrict sq, float *restrict colsum,
+                           int nthreads) {
     for (int64_t i = 0; i < rows; ++i)
         if (h[i] < 0 || h[i] >= rank) return -1;
     /* Narrower blocks when k is small, so that every thread gets a few: at least 64 columns. */
@@ -106,7 +111,7 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
     width = width < 64 ? 64 : width > BLOCK ? BLOCK : width & ~(int64_t)15;
     const int64_t nblocks = (k + width - 1) / width;
     const int parallel = nthreads > 1 && nblocks > 1 && rows * k >= (1 << 15);
-    double *part = malloc(2 * (size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));
+    double *part = (double *)malloc(2 * (size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));
     if (!part) return -2;
 
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
@@ -114,9 +119,10 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
         const int64_t c0 = b * width;
         const int64_t n = k - c0 < width ? k - c0 : width;
         /* squares are summed in float per column over at most FLUSH rows, then in double */
-        float sum_x[BLOCK], sum_out[BLOCK];
-        double bx = 0.0, bo = 0.0;
-        for (int64_t c = 0; c < n; ++c) sum_x[c] = sum_out[c] = 0.0f;
+        float sum_x[BLOCK], sum_out[BLOCK], col[BLOCK];
+        double bx = 0.0, bo = 0.0, col_total[BLOCK];
+        for (int64_t c = 0; c < n; ++c) sum_x[c] = sum_out[c] = col[c] = 0.0f;
+        for (int64_t c = 0; c < n; ++c) col_total[c] = 0.0;
         for (int64_t r = 0; r < rank; ++r) memset(out + r * k + c0, 0, (size_t)n * sizeof(float));
         for (int64_t i = 0; i < rows; ++i) {
             const float *restrict xi = x + i * ldx + c0;
@@ -126,8 +132,19 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
                 o[c] += si * xi[c];
                 sum_x[c] += xi[c] * xi[c];
             }
-            if ((i + 1) % FLUSH == 0 || i + 1 == rows) bx += flush(sum_x, n);
+            if (colsum)
+                for (int64_t c = 0; c < n; ++c) col[c] += xi[c];
+            if ((i + 1) % FLUSH == 0 || i + 1 == rows) {
+                bx += flush(sum_x, n);
+                if (colsum)
+                    for (int64_t c = 0; c < n; ++c) {
+                        col_total[c] += col[c];
+                        col[c] = 0.0f;
+                    }
+            }
         }
+        if (colsum)
+            for (int64_t c = 0; c < n; ++c) colsum[c0 + c] = (float)col_total[c];
         for (int64_t r = 0; r < rank; ++r) {
             const float *restrict o = out + r * k + c0;
             for (int64_t c = 0; c < n; ++c) sum_out[c] += o[c] * o[c];
@@ -146,4 +163,27 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
     sq[0] = sx;
     sq[1] = so;
     return 0;
+}
+
+/* basis_draw_count_sketch then basis_count_sketch_f32, h and s kept only for the call. If mult is
+ * not 0, out is then multiplied by mult, times the invariant scalar ||x|| / (||S x|| + eps) if
+ * `invariant`: a second pass over out, which is cheap only while out is small. */
+int basis_count_sketch_seeded_f32(const float *restrict x, int64_t rows, int64_t k, int64_t ldx,
+                                  uint64_t seed, uint64_t sign_seed, int64_t rank, int balanced,
+                                  float *restrict out, double *restrict sq,
+                                  float *restrict colsum, double mult, int invariant, double eps,
+                                  int nthreads) {
+    const size_t n = (size_t)(rows > 0 ? rows : 1);
+    int64_t *h = (int64_t *)malloc(n * sizeof(int64_t));
+    float *s = (float *)malloc(n * sizeof(float));
+    int status = h && s ? basis_draw_count_sketch(seed, sign_seed, rows, rank, balanced, h, s) : -2;
+    if (status == 0)
+        status = basis_count_sketch_f32(x, rows, k, ldx, h, s, rank, out, sq, colsum, nthreads);
+    free(h);
+    free(s);
+    if (status == 0 && mult != 0.0) {
+        const float f = (float)(invariant ? mult * sqrt(sq[0]) / (sqrt(sq[1]) + eps) : mult);
+        for (int64_t i = 0; i < rank * k; ++i) out[i] *= f;
+    }
+    return status;
 }
