@@ -219,13 +219,35 @@ def basis_linear(
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, _SEED_BOUND, (), generator=generator, device=device))
     lam, scale, eps = float(lam), float(scale), float(eps)
-    if h is None and hashing != "gaussian" and not gemm.use_onednn(x, weight):
+    if h is not None:
+        settings = (rank, lam, scale, eps, invariant_scalars, hashing, None, h, s)
+        return _BasisLinearFn.apply(x, weight, bias, settings)
+    return sketched_linear(x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing, seed)
+
+
+def sketched_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    lam: float,
+    scale: float,
+    eps: float,
+    invariant_scalars: bool,
+    hashing: str,
+    seed: int,
+) -> torch.Tensor:
+    """``basis_linear`` with its sketch drawn from ``seed``, for callers that checked every
+    argument already (``basis_linear``, ``BasisLinear``): inside a training step each line of
+    Python costs several times what it does in a warm loop, so the per-call path is kept short."""
+    if hashing != "gaussian" and x.numel() * weight.shape[0] < gemm.MIN_MACS:
         # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py).
+        # Larger products take the Python path, whose GEMMs may run in oneDNN (gemm.py).
         y = native.sketched_linear(
             x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing == "balanced",
             seed, _SCALE_IN_SKETCH_MAX,
         )  # fmt: skip
         if y is not None:
             return y
-    settings = (rank, lam, scale, eps, invariant_scalars, hashing, seed, h, s)
+    settings = (rank, lam, scale, eps, invariant_scalars, hashing, seed, None, None)
     return _BasisLinearFn.apply(x, weight, bias, settings)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .functional import basis_linear, check_settings
+from .functional import basis_linear, check_settings, sketched_linear
 from .gemm import Linear, fast_linear
 from .rng import mix_seed
 
@@ -70,10 +70,27 @@ class BasisLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return fast_linear(x, self.weight, self.bias)
-        return self._sketched(x)
+        if (
+            torch.compiler.is_compiling()
+            or not self.weight.requires_grad
+            or x.numel() == 0
+            or x.shape[-1] != self.in_features
+        ):
+            return self._checked(x)
+        # The common case without basis_linear's per-call checks: a few µs a call, which at the
+        # paper's size is a visible share of a step (the settings are checked here instead).
+        check_settings(
+            self.rank, self.lam, self.scale, self.eps, self.invariant_scalars, self.hashing
+        )
+        seed = mix_seed(self.seed, self.calls)
+        self.__dict__["calls"] += 1  # what `self.calls += 1` does, without nn.Module.__setattr__
+        return sketched_linear(
+            x, self.weight, self.bias, self.rank, float(self.lam), float(self.scale),
+            float(self.eps), self.invariant_scalars, self.hashing, seed,
+        )  # fmt: skip
 
     @torch.compiler.disable  # the per-call seed counter is host-side state
-    def _sketched(self, x: torch.Tensor) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         seed = mix_seed(self.seed, self.calls)
         self.calls += 1
         return basis_linear(

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .rng import SIGN_SALT, count_sketch_hashes
+from .rng import SIGN_SALT, as_int64, count_sketch_hashes
 
 _SOURCE = Path(__file__).with_name("csrc") / "count_sketch.c"
 _OP_SOURCE = _SOURCE.with_name("sketched_linear.cpp")  # includes _SOURCE
@@ -49,6 +49,7 @@ _FLAG_SETS = (
 )
 _state: dict[str, object] = {"lib": None, "tried": False}
 _op_state: dict[str, object] = {"op": None, "tried": False}
+_SIGN_SALT_INT64 = as_int64(SIGN_SALT)  # the operator draws signs from seed ^ SIGN_SALT
 
 
 def available() -> bool:
@@ -57,11 +58,10 @@ def available() -> bool:
 
 
 def _kernel() -> ctypes.CDLL | None:
-    if os.environ.get("BASIS_NATIVE", "1") == "0":
-        return None
+    """The kernel, loaded at first use (``BASIS_NATIVE`` is read then, not at every call)."""
     if not _state["tried"]:
         _state["tried"] = True
-        _state["lib"] = _load()
+        _state["lib"] = None if os.environ.get("BASIS_NATIVE", "1") == "0" else _load()
     return _state["lib"]
 
 
@@ -203,31 +203,29 @@ def sketched_linear(
     seed: int,
     scale_in_sketch_max: int,
 ) -> torch.Tensor | None:
-    """``basis_linear`` of fp32 CPU tensors with a count sketch drawn from ``seed``, by the
-    compiled operator; None where it does not apply or is unavailable (the caller's Python path
-    then runs). Its GEMMs are PyTorch's defaults (``F.linear``, ``matmul``): the caller routes
-    products large enough for oneDNN (``gemm.use_onednn``) to the Python path."""
+    """``basis_linear`` of fp32 CPU tensors with a count sketch drawn from ``seed`` (in [0, 2⁶⁴)),
+    by the compiled operator; None where it does not apply or is unavailable (the caller's Python
+    path then runs). Its GEMMs are PyTorch's defaults (``F.linear``, ``matmul``): the caller sends
+    products large enough for oneDNN (``gemm.py``) to the Python path."""
+    op = _op_state["op"] if _op_state["tried"] else _operator()
+    # Attribute tests only: inside a training step, with the caches just flushed by the output
+    # head's products, each line of Python here costs microseconds.
     if (
-        x.device.type != "cpu"
+        op is None
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
+        or x.device.type != "cpu"
         or (bias is not None and bias.dtype != torch.float32)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
     ):
         return None
-    op = _operator()
-    if op is None:
-        return None
+    if seed >> 63:
+        seed -= 1 << 64  # the int64 with the same bits: operator schemas have no uint64
     return op(
-        x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced,
-        _int64(seed), _int64(seed ^ SIGN_SALT), scale_in_sketch_max,
+        x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced, seed,
+        _SIGN_SALT_INT64, scale_in_sketch_max,
     )  # fmt: skip
-
-
-def _int64(seed: int) -> int:
-    """The int64 with the bits of ``seed`` (in [0, 2⁶⁴)): operator schemas have no uint64."""
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def operator_available() -> bool:
@@ -236,11 +234,10 @@ def operator_available() -> bool:
 
 
 def _operator():
-    if os.environ.get("BASIS_NATIVE", "1") == "0":
-        return None
+    """The operator, loaded at first use (``BASIS_NATIVE`` is read then, not at every call)."""
     if not _op_state["tried"]:
         _op_state["tried"] = True
-        _op_state["op"] = _load_operator()
+        _op_state["op"] = None if os.environ.get("BASIS_NATIVE", "1") == "0" else _load_operator()
     return _op_state["op"]
 
 
@@ -357,7 +354,7 @@ def _operator_self_check(op) -> bool:
     dy = torch.randn(2, 19, 40, generator=gen)
     rank, lam, eps, seed = 5, 0.1, 1e-8, 2**64 - 3
     try:
-        y = op(x, w, b, rank, lam, 2.0, eps, True, True, _int64(seed), _int64(seed ^ SIGN_SALT), 0)
+        y = op(x, w, b, rank, lam, 2.0, eps, True, True, as_int64(seed), _SIGN_SALT_INT64, 0)
         y.backward(dy)
     except RuntimeError:
         return False

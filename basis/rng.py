@@ -32,7 +32,7 @@ def mix_seed(*values: int) -> int:
     return z >> 1
 
 
-def _as_int64(u: int) -> int:
+def as_int64(u: int) -> int:
     """The int64 whose bits are those of the uint64 ``u``."""
     u &= _MASK64
     return u - (1 << 64) if u >> 63 else u
@@ -45,10 +45,10 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def splitmix64(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements 0 … n−1 of the SplitMix64 stream from ``seed``, as int64 holding uint64 bits."""
-    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _as_int64(_PHI)
-    z = z + _as_int64(seed)
-    z = (z ^ _shr(z, 30)) * _as_int64(_MIX1)
-    z = (z ^ _shr(z, 27)) * _as_int64(_MIX2)
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * as_int64(_PHI)
+    z = z + as_int64(seed)
+    z = (z ^ _shr(z, 30)) * as_int64(_MIX1)
+    z = (z ^ _shr(z, 27)) * as_int64(_MIX2)
     return z ^ _shr(z, 31)
 
 

@@ -26,6 +26,14 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
     return tmp_path / "cache"
 
 
+def set_native(monkeypatch: pytest.MonkeyPatch, flag: str) -> None:
+    """BASIS_NATIVE=flag, read afresh: the kernel and the operator read it at first use only."""
+    monkeypatch.setenv("BASIS_NATIVE", flag)
+    for state, loaded in ((native._state, "lib"), (native._op_state, "op")):
+        monkeypatch.setitem(state, loaded, None)  # restored, with "tried", after the test
+        monkeypatch.setitem(state, "tried", False)
+
+
 def reference(rows: torch.Tensor, h: torch.Tensor, s: torch.Tensor, rank: int):
     """S rows and both squared norms in fp64, by the definition (a signed segment sum)."""
     rows64 = rows.double()
@@ -131,7 +139,7 @@ def test_sketch_routes_agree_with_and_without_the_kernel(monkeypatch: pytest.Mon
     sk = draw_sketch(64, 32, "balanced", seed=3)
     fused, gamma = sk.apply_with_gamma(rows, 1e-8)
     assert isinstance(gamma, float)  # the kernel's route: γ from its two norms
-    monkeypatch.setenv("BASIS_NATIVE", "0")
+    set_native(monkeypatch, "0")
     plain, gamma_torch = sk.apply_with_gamma(rows, 1e-8)
     assert not isinstance(gamma_torch, float)  # PyTorch ops: a 0-dim tensor
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
@@ -148,7 +156,7 @@ def test_weight_gradient_is_the_same_with_and_without_the_kernel(
     dy = torch.randn(2, 32, 80, generator=gen)
     grads = []
     for flag in ("1", "0"):
-        monkeypatch.setenv("BASIS_NATIVE", flag)
+        set_native(monkeypatch, flag)
         w.grad = None
         basis_linear(x, w, rank=8, lam=0.01, seed=11).backward(dy)
         grads.append(w.grad.clone())
@@ -183,7 +191,7 @@ def test_a_failing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, fresh_ke
 
 
 def test_turned_off_by_environment(monkeypatch: pytest.MonkeyPatch, fresh_kernel) -> None:
-    monkeypatch.setenv("BASIS_NATIVE", "0")
+    set_native(monkeypatch, "0")
     assert not native.available()
     assert not fresh_kernel.exists()  # not even built
 
@@ -301,11 +309,11 @@ def test_self_check_rejects_a_wrong_operator() -> None:
     op = native._registered_operator()
     assert native._operator_self_check(op)
 
-    def other_sketch(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_seed, big):
-        return op(x, w, b, rank, lam, scale, eps, inv, balanced, seed + 1, sign_seed, big)
+    def other_sketch(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_salt, big):
+        return op(x, w, b, rank, lam, scale, eps, inv, balanced, seed + 1, sign_salt, big)
 
-    def wrong_scale(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_seed, big):
-        return op(x, w, b, rank, lam, scale * 1.01, eps, inv, balanced, seed, sign_seed, big)
+    def wrong_scale(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_salt, big):
+        return op(x, w, b, rank, lam, scale * 1.01, eps, inv, balanced, seed, sign_salt, big)
 
     assert not native._operator_self_check(other_sketch)
     assert not native._operator_self_check(wrong_scale)
@@ -329,7 +337,7 @@ def test_no_cpp_compiler_warns_and_falls_back(
 
 
 def test_operator_turned_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BASIS_NATIVE", "0")
+    set_native(monkeypatch, "0")
     assert not native.operator_available()
     y = basis_linear(torch.randn(16, 6), torch.randn(4, 6, requires_grad=True), rank=4, seed=0)
     assert y.grad_fn.name() == "_BasisLinearFnBackward"

@@ -98,7 +98,28 @@ static double flush(float *restrict acc, int64_t n) {
     return total;
 }
 
+/* Adds row xi, times si, into o (o = si * xi for a bin's first row), its squares into sum_x and,
+ * if col is not NULL, its values into col. */
+static void add_row(float *restrict o, const float *restrict xi, float si, int first, int64_t n,
+                    float *restrict sum_x, float *restrict col) {
+    if (first)
+        for (int64_t c = 0; c < n; ++c) {
+            o[c] = si * xi[c];
+            sum_x[c] += xi[c] * xi[c];
+        }
+    else
+        for (int64_t c = 0; c < n; ++c) {
+            o[c] += si * xi[c];
+            sum_x[c] += xi[c] * xi[c];
+        }
+    if (col)
+        for (int64_t c = 0; c < n; ++c) col[c] += xi[c];
+}
+
 /* colsum, if not NULL, receives the k column sums of x (a bias gradient, read in the same pass).
+ * Rows are visited bin by bin (a counting sort of h, stable), so the slice of out being summed
+ * stays in L1 while its rows are added and its squares taken; in row order each row lands in a
+ * different bin's slice, and at the 64 x 50,257 head that traffic was most of the kernel's time.
  * Returns 0, or -1 if h holds a bin outside [0, rank), or -2 if out of memory. */
 int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int64_t ldx,
                            const int64_t *restrict h, const float *restrict s, int64_t rank,
@@ -112,7 +133,19 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
     const int64_t nblocks = (k + width - 1) / width;
     const int parallel = nthreads > 1 && nblocks > 1 && rows * k >= (1 << 15);
     double *part = (double *)malloc(2 * (size_t)(nblocks > 0 ? nblocks : 1) * sizeof(double));
-    if (!part) return -2;
+    int64_t *start = (int64_t *)calloc((size_t)rank + 1, sizeof(int64_t));
+    int64_t *order = (int64_t *)malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    if (!part || !start || !order) {
+        free(part);
+        free(start);
+        free(order);
+        return -2;
+    }
+    for (int64_t i = 0; i < rows; ++i) ++start[h[i] + 1];
+    for (int64_t r = 0; r < rank; ++r) start[r + 1] += start[r];
+    for (int64_t i = 0; i < rows; ++i) order[start[h[i]]++] = i; /* start[r] is now bin r's end */
+    for (int64_t r = rank; r > 0; --r) start[r] = start[r - 1];
+    start[0] = 0;
 
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -123,33 +156,27 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
         double bx = 0.0, bo = 0.0, col_total[BLOCK];
         for (int64_t c = 0; c < n; ++c) sum_x[c] = sum_out[c] = col[c] = 0.0f;
         for (int64_t c = 0; c < n; ++c) col_total[c] = 0.0;
-        for (int64_t r = 0; r < rank; ++r) memset(out + r * k + c0, 0, (size_t)n * sizeof(float));
-        for (int64_t i = 0; i < rows; ++i) {
-            const float *restrict xi = x + i * ldx + c0;
-            float *restrict o = out + h[i] * k + c0;
-            const float si = s[i];
-            for (int64_t c = 0; c < n; ++c) {
-                o[c] += si * xi[c];
-                sum_x[c] += xi[c] * xi[c];
-            }
-            if (colsum)
-                for (int64_t c = 0; c < n; ++c) col[c] += xi[c];
-            if ((i + 1) % FLUSH == 0 || i + 1 == rows) {
-                bx += flush(sum_x, n);
-                if (colsum)
-                    for (int64_t c = 0; c < n; ++c) {
-                        col_total[c] += col[c];
-                        col[c] = 0.0f;
-                    }
-            }
-        }
-        if (colsum)
-            for (int64_t c = 0; c < n; ++c) colsum[c0 + c] = (float)col_total[c];
+        int64_t done = 0;
         for (int64_t r = 0; r < rank; ++r) {
-            const float *restrict o = out + r * k + c0;
+            float *restrict o = out + r * k + c0;
+            if (start[r] == start[r + 1]) memset(o, 0, (size_t)n * sizeof(float)); /* empty bin */
+            for (int64_t j = start[r]; j < start[r + 1]; ++j) {
+                const int64_t i = order[j];
+                add_row(o, x + i * ldx + c0, s[i], j == start[r], n, sum_x, colsum ? col : NULL);
+                if (++done % FLUSH == 0 || done == rows) {
+                    bx += flush(sum_x, n);
+                    if (colsum)
+                        for (int64_t c = 0; c < n; ++c) {
+                            col_total[c] += col[c];
+                            col[c] = 0.0f;
+                        }
+                }
+            }
             for (int64_t c = 0; c < n; ++c) sum_out[c] += o[c] * o[c];
             if ((r + 1) % FLUSH == 0 || r + 1 == rank) bo += flush(sum_out, n);
         }
+        if (colsum)
+            for (int64_t c = 0; c < n; ++c) colsum[c0 + c] = (float)col_total[c];
         part[2 * b] = bx;
         part[2 * b + 1] = bo;
     }
@@ -160,6 +187,8 @@ int basis_count_sketch_f32(const float *restrict x, int64_t rows, int64_t k, int
         so += part[2 * b + 1];
     }
     free(part);
+    free(start);
+    free(order);
     sq[0] = sx;
     sq[1] = so;
     return 0;

@@ -9,7 +9,8 @@
  * path stays the reference and serves everything else (CUDA, other dtypes, the Gaussian peer, a
  * given h and s, torch.compile). Built and loaded by basis/native.py.
  *
- * Seeds arrive as int64 carrying the bits of the uint64 seeds of basis/rng.py.
+ * The seed and the salt of the sign stream (rng.SIGN_SALT) arrive as int64 carrying the bits of
+ * basis/rng.py's uint64 values; the signs are drawn from seed ^ sign_salt, as there.
  */
 #include <math.h>
 #include <stdint.h>
@@ -63,7 +64,8 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
     static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &weight,
                               const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                               double scale, double eps, bool invariant, bool balanced,
-                              int64_t seed, int64_t sign_seed, int64_t scale_in_sketch_max) {
+                              int64_t seed, int64_t sign_salt, int64_t scale_in_sketch_max) {
+        const int64_t sign_seed = (int64_t)((uint64_t)seed ^ (uint64_t)sign_salt);
         // Step 1: the forward output is the exact linear map (bias outside the sketched product).
         at::Tensor y = at::linear(x, weight, bias);
         at::Tensor rows = x.reshape({-1, x.size(-1)});
@@ -118,9 +120,9 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
 at::Tensor sketched_linear(const at::Tensor &x, const at::Tensor &weight,
                            const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                            double scale, double eps, bool invariant, bool balanced, int64_t seed,
-                           int64_t sign_seed, int64_t scale_in_sketch_max) {
+                           int64_t sign_salt, int64_t scale_in_sketch_max) {
     return SketchedLinear::apply(x, weight, bias, rank, lam, scale, eps, invariant, balanced, seed,
-                                 sign_seed, scale_in_sketch_max);
+                                 sign_salt, scale_in_sketch_max);
 }
 
 }  // namespace
@@ -128,7 +130,7 @@ at::Tensor sketched_linear(const at::Tensor &x, const at::Tensor &weight,
 TORCH_LIBRARY(basis, m) {
     m.def(
         "sketched_linear(Tensor x, Tensor weight, Tensor? bias, int rank, float lam, float scale, "
-        "float eps, bool invariant_scalars, bool balanced, int seed, int sign_seed, "
+        "float eps, bool invariant_scalars, bool balanced, int seed, int sign_salt, "
         "int scale_in_sketch_max) -> Tensor");
 }
 
