@@ -240,12 +240,13 @@ def sketched_linear(
     """``basis_linear`` with its sketch drawn from ``seed``, for callers that checked every
     argument already (``basis_linear``, ``BasisLinear``): inside a training step each line of
     Python costs several times what it does in a warm loop, so the per-call path is kept short."""
-    if hashing != "gaussian" and x.numel() * weight.shape[0] < gemm.MIN_MACS:
-        # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py).
-        # Larger products take the Python path, whose GEMMs may run in oneDNN (gemm.py).
+    if hashing != "gaussian":
+        # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py),
+        # with the same choice of GEMM library (the size test first: use_onednn costs more).
+        onednn = x.numel() * weight.shape[0] >= gemm.MIN_MACS and gemm.use_onednn(x, weight)
         y = native.sketched_linear(
             x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing == "balanced",
-            seed, _SCALE_IN_SKETCH_MAX,
+            seed, _SCALE_IN_SKETCH_MAX, onednn,
         )  # fmt: skip
         if y is not None:
             return y

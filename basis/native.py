@@ -202,11 +202,12 @@ def sketched_linear(
     balanced: bool,
     seed: int,
     scale_in_sketch_max: int,
+    onednn: bool,
 ) -> torch.Tensor | None:
     """``basis_linear`` of fp32 CPU tensors with a count sketch drawn from ``seed`` (in [0, 2⁶⁴)),
     by the compiled operator; None where it does not apply or is unavailable (the caller's Python
-    path then runs). Its GEMMs are PyTorch's defaults (``F.linear``, ``matmul``): the caller sends
-    products large enough for oneDNN (``gemm.py``) to the Python path."""
+    path then runs). ``onednn``: run y = x Wᵀ and dX = dY W in oneDNN (``gemm.use_onednn``), else
+    in PyTorch's defaults (``F.linear``, ``matmul``); dW's product is PyTorch's ``mm`` either way."""
     op = _op_state["op"] if _op_state["tried"] else _operator()
     # Attribute tests only: inside a training step, with the caches just flushed by the output
     # head's products, each line of Python here costs microseconds.
@@ -224,7 +225,7 @@ def sketched_linear(
         seed -= 1 << 64  # the int64 with the same bits: operator schemas have no uint64
     return op(
         x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced, seed,
-        _SIGN_SALT_INT64, scale_in_sketch_max,
+        _SIGN_SALT_INT64, scale_in_sketch_max, onednn,
     )  # fmt: skip
 
 
@@ -353,11 +354,18 @@ def _operator_self_check(op) -> bool:
     b = torch.randn(40, generator=gen, requires_grad=True)
     dy = torch.randn(2, 19, 40, generator=gen)
     rank, lam, eps, seed = 5, 0.1, 1e-8, 2**64 - 3
-    try:
-        y = op(x, w, b, rank, lam, 2.0, eps, True, True, as_int64(seed), _SIGN_SALT_INT64, 0)
-        y.backward(dy)
-    except RuntimeError:
-        return False
+    from .gemm import onednn_available  # lazy: gemm imports nothing from here, but keep it light
+
+    grads = []
+    for onednn in (False, True) if onednn_available() else (False,):
+        x.grad = w.grad = b.grad = None
+        try:
+            args = (rank, lam, 2.0, eps, True, True, as_int64(seed), _SIGN_SALT_INT64, 0, onednn)
+            y = op(x, w, b, *args)
+            y.backward(dy)
+        except RuntimeError:
+            return False
+        grads.append((y.detach(), x.grad, w.grad, b.grad))
     h, s = count_sketch_hashes(38, rank, True, seed)
     sketch = torch.zeros(rank, 38).index_put_((h, torch.arange(38)), s)
     x_rows, dy_rows = x.detach().reshape(38, 24), dy.reshape(38, 40)
@@ -365,12 +373,16 @@ def _operator_self_check(op) -> bool:
     gamma_x = x_rows.norm() / (x_til.norm() + eps)
     gamma_dy = dy_rows.norm() / (dy_til.norm() + eps)
     dw = 2.0 * (1 - lam) ** 2 * gamma_x * gamma_dy * dy_til.t() @ x_til
-    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731
-    return (
-        close(y.detach(), torch.nn.functional.linear(x.detach(), w.detach(), b.detach()))
-        and close(x.grad, dy @ w.detach())
-        and close(w.grad, dw)
-        and close(b.grad, dy_rows.sum(0))
+    want = (
+        torch.nn.functional.linear(x.detach(), w.detach(), b.detach()),
+        dy @ w.detach(),
+        dw,
+        dy_rows.sum(0),
+    )
+    return all(
+        torch.allclose(got, expect, rtol=1e-4, atol=1e-4)
+        for route in grads
+        for got, expect in zip(route, want, strict=True)
     )
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from basis import BasisLinear, basis_linear, native
+from basis import BasisLinear, basis_linear, gemm, native
 from basis.functional import _SCALE_IN_SKETCH_MAX, _BasisLinearFn
 from basis.sketch import Sketch, draw_sketch
 
@@ -247,6 +247,7 @@ def _grads(fn, x, w, b, dy):
         (64, 64, 256, 1, True, False, "balanced", 0.01, 1.0),  # R = 1: the outer product
         (37, 24, 40, 100, True, True, "uniform", 0.5, 3.0),  # rank > rows, uniform hashing
         (20, 8, 12, 4, True, True, "balanced", 0.0, 0.0),  # scale 0: a zero weight gradient
+        (64, 64, 50257, 32, False, True, "balanced", 0.01, 1.0),  # the head: oneDNN's products
     ],
 )
 def test_operator_equals_the_python_path(
@@ -262,7 +263,9 @@ def test_operator_equals_the_python_path(
     dy = torch.randn(1, rows, n_out, generator=gen)
     seed = 2**64 - 7  # the top bit set: passed to the operator as a negative int64
     settings = (rank, lam, scale, 1e-8, invariant, hashing, seed, None, None)
-    op_args = (rank, lam, scale, 1e-8, invariant, hashing == "balanced", seed, _SCALE_IN_SKETCH_MAX)
+    onednn = gemm.use_onednn(x, w)  # the library basis_linear would pick for this product
+    op_args = (rank, lam, scale, 1e-8, invariant, hashing == "balanced", seed)
+    op_args += (_SCALE_IN_SKETCH_MAX, onednn)
     compiled = _grads(lambda: native.sketched_linear(x, w, b, *op_args), x, w, b, dy)
     python = _grads(lambda: _BasisLinearFn.apply(x, w, b, settings), x, w, b, dy)
     for got, want in zip(compiled, python, strict=True):
@@ -309,11 +312,11 @@ def test_self_check_rejects_a_wrong_operator() -> None:
     op = native._registered_operator()
     assert native._operator_self_check(op)
 
-    def other_sketch(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_salt, big):
-        return op(x, w, b, rank, lam, scale, eps, inv, balanced, seed + 1, sign_salt, big)
+    def other_sketch(x, w, b, rank, lam, scale, eps, inv, balanced, seed, *rest):
+        return op(x, w, b, rank, lam, scale, eps, inv, balanced, seed + 1, *rest)
 
-    def wrong_scale(x, w, b, rank, lam, scale, eps, inv, balanced, seed, sign_salt, big):
-        return op(x, w, b, rank, lam, scale * 1.01, eps, inv, balanced, seed, sign_salt, big)
+    def wrong_scale(x, w, b, rank, lam, scale, eps, inv, balanced, seed, *rest):
+        return op(x, w, b, rank, lam, scale * 1.01, eps, inv, balanced, seed, *rest)
 
     assert not native._operator_self_check(other_sketch)
     assert not native._operator_self_check(wrong_scale)

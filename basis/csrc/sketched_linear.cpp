@@ -5,7 +5,8 @@
  * arithmetic, and the Python autograd.Function around it cost ~100 µs a call inside a training
  * step (forward and backward), against ~30 µs for F.linear, whose node is C++. This file is the
  * same algorithm, step for step, with the same kernel (count_sketch.c, included below) and the
- * same GEMMs, so its results equal the Python path's; tests/test_native.py checks that. The Python
+ * same GEMMs (MKL, or oneDNN where basis/gemm.py picks it: `onednn`), so its results equal the
+ * Python path's; tests/test_native.py checks that. The Python
  * path stays the reference and serves everything else (CUDA, other dtypes, the Gaussian peer, a
  * given h and s, torch.compile). Built and loaded by basis/native.py.
  *
@@ -22,6 +23,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -60,14 +62,38 @@ Sketched sketch_rows(at::Tensor rows, int64_t r_eff, bool balanced, int64_t seed
     return {out, gamma, sums};
 }
 
+/* x W^T (+ b) through oneDNN's linear, PyTorch's private mkldnn::_linear_pointwise, the route
+ * basis/gemm.py takes for large CPU products (checked there at first use); called boxed, so a
+ * change of its C++ signature cannot miscompile a call. */
+at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w,
+                         const std::optional<at::Tensor> &b) {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    std::vector<c10::IValue> stack{x, w, b ? c10::IValue(*b) : c10::IValue(), std::string("none"),
+                                   c10::List<std::optional<at::Scalar>>(), std::string("")};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+}
+
+/* The two products of a linear layer by the library basis/gemm.py chose for this shape. */
+at::Tensor linear(const at::Tensor &x, const at::Tensor &w, const std::optional<at::Tensor> &b,
+                  bool onednn) {
+    return onednn ? onednn_linear(x, w, b) : at::linear(x, w, b);
+}
+
+at::Tensor input_grad(const at::Tensor &dy, const at::Tensor &w, bool onednn) {
+    return onednn ? onednn_linear(dy, w.t(), std::nullopt) : at::matmul(dy, w);
+}
+
 struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
     static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &weight,
                               const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                               double scale, double eps, bool invariant, bool balanced,
-                              int64_t seed, int64_t sign_salt, int64_t scale_in_sketch_max) {
+                              int64_t seed, int64_t sign_salt, int64_t scale_in_sketch_max,
+                              bool onednn) {
         const int64_t sign_seed = (int64_t)((uint64_t)seed ^ (uint64_t)sign_salt);
         // Step 1: the forward output is the exact linear map (bias outside the sketched product).
-        at::Tensor y = at::linear(x, weight, bias);
+        at::Tensor y = linear(x, weight, bias, onednn);
         at::Tensor rows = x.reshape({-1, x.size(-1)});
         const int64_t r_eff = std::min(rank, rows.size(0));
         // Steps 5-6: X^ = gamma_X S X, one kernel call (draw, sum, norms, scaling).
@@ -78,7 +104,7 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
         ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
         ctx->saved_data["settings"] = std::vector<double>{lam, scale, eps};
         ctx->saved_data["flags"] = std::vector<int64_t>{invariant, balanced, seed, sign_seed,
-                                                        scale_in_sketch_max};
+                                                        scale_in_sketch_max, onednn};
         return y;
     }
 
@@ -95,7 +121,7 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
         at::Tensor dx, dw, db;
 
         // Step 1: dX = dY W, exact.
-        if (ctx->needs_input_grad(0)) dx = at::matmul(dy, weight);
+        if (ctx->needs_input_grad(0)) dx = input_grad(dy, weight, flags[5]);
         const bool want_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
         if (ctx->needs_input_grad(1)) {
             // Steps 2-4 as in functional.py: dY^ = S dY with the forward's h and s, and the one
@@ -113,16 +139,16 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
         }
         if (want_db && !db.defined()) db = dy_rows.sum(0);
         at::Tensor none;
-        return {dx, dw, db, none, none, none, none, none, none, none, none, none};
+        return {dx, dw, db, none, none, none, none, none, none, none, none, none, none};
     }
 };
 
 at::Tensor sketched_linear(const at::Tensor &x, const at::Tensor &weight,
                            const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                            double scale, double eps, bool invariant, bool balanced, int64_t seed,
-                           int64_t sign_salt, int64_t scale_in_sketch_max) {
+                           int64_t sign_salt, int64_t scale_in_sketch_max, bool onednn) {
     return SketchedLinear::apply(x, weight, bias, rank, lam, scale, eps, invariant, balanced, seed,
-                                 sign_salt, scale_in_sketch_max);
+                                 sign_salt, scale_in_sketch_max, onednn);
 }
 
 }  // namespace
@@ -131,7 +157,7 @@ TORCH_LIBRARY(basis, m) {
     m.def(
         "sketched_linear(Tensor x, Tensor weight, Tensor? bias, int rank, float lam, float scale, "
         "float eps, bool invariant_scalars, bool balanced, int seed, int sign_salt, "
-        "int scale_in_sketch_max) -> Tensor");
+        "int scale_in_sketch_max, bool onednn) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(basis, CompositeImplicitAutograd, m) {
