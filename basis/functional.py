@@ -242,11 +242,12 @@ def sketched_linear(
     Python costs several times what it does in a warm loop, so the per-call path is kept short."""
     if hashing != "gaussian":
         # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py),
-        # with the same choice of GEMM library (the size test first: use_onednn costs more).
-        onednn = x.numel() * weight.shape[0] >= gemm.MIN_MACS and gemm.use_onednn(x, weight)
+        # with the same choices of GEMM library (the size test first: use_onednn costs more).
+        big = x.numel() * weight.shape[0] >= gemm.MIN_MACS
         y = native.sketched_linear(
             x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing == "balanced",
-            seed, _SCALE_IN_SKETCH_MAX, onednn,
+            seed, _SCALE_IN_SKETCH_MAX,
+            big and gemm.use_onednn(x, weight), big and gemm.use_onednn(x, weight, "input_grad"),
         )  # fmt: skip
         if y is not None:
             return y

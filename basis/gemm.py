@@ -1,22 +1,32 @@
-"""The GEMMs of a linear layer on CPU, through oneDNN where it beats PyTorch's default (MKL).
+"""The GEMMs of a linear layer on CPU, each in whichever of PyTorch's two libraries (MKL, the
+default, or oneDNN) is faster for it on this machine.
 
-At the paper's size a training step is dominated by the 64 × 50,257 output head, and on the AMD
-EPYC (Zen 4) CPU of our machines MKL runs its two large products at half speed: ``x @ Wᵀ`` takes
-6.5–8 ms where oneDNN takes 3.5–4.3 ms, and the input gradient ``dY @ W`` 3.9–4.6 ms against 2.2
-(2 threads; ``scripts/bench_gemm.py`` measures both on the machine at hand). oneDNN is PyTorch's
-own bundled library, reached through the operator Inductor uses for CPU linears,
+At the paper's size a training step is dominated by the 64 × 50,257 output head, and which library
+runs its products faster depends on the CPU: on the AMD EPYC (Zen 4) of our first machines MKL ran
+both at half speed (``x @ Wᵀ`` 6.5–8 ms against oneDNN's 3.5–4.3, the input gradient ``dY @ W``
+3.9–4.6 against 2.2); on the Intel Xeon of later ones MKL is the faster for ``x @ Wᵀ`` (2.6 vs
+3.0 ms) and oneDNN for ``dY @ W`` (1.4 vs 2.0); at 8,192 × 768 → 3,072 MKL is faster both ways
+there (2 threads; ``scripts/bench_gemm.py``). So each large product is timed once per machine in
+both libraries at its first use and the faster one kept (``BASIS_ONEDNN=auto``, the default); the
+choice is stored in the user cache (``data.cache.cache_dir()/gemm``), keyed by CPU, PyTorch
+version, thread count, shape and direction, so every later process on the machine — a resumed
+run, a sweep's other jobs — makes the same choice and stays bit-identical. ``BASIS_ONEDNN=1``
+sends every large product to oneDNN, ``BASIS_ONEDNN=0`` none.
+
+oneDNN is reached through the operator Inductor uses for CPU linears,
 ``torch.ops.mkldnn._linear_pointwise``. That operator is private, so it is used only after a
 self-check at first use against ``F.linear``; if it is missing, fails or disagrees, everything
 runs through ``F.linear`` as before. Results agree with MKL's to fp32 rounding (~1e-6 relative),
-not bit for bit.
-
-Only large fp32 CPU products take this route: below ``MIN_MACS`` multiply-adds oneDNN's ~10 µs
-per call costs more than it saves. ``BASIS_ONEDNN=0`` in the environment turns it off.
+not bit for bit. Products below ``MIN_MACS`` multiply-adds always stay in MKL: oneDNN's ~10 µs
+per call costs more than it could save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +37,24 @@ from torch import nn
 MIN_MACS = 1 << 22
 
 _state: dict[str, bool | None] = {"ok": None}  # None: not checked yet
+_choices: dict[tuple[str, int, int, int, int], bool] = {}  # (direction, rows, N, M, threads)
+_MODES = ("auto", "1", "0")
 
 
 def _op():
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
+def _mode() -> str:
+    mode = os.environ.get("BASIS_ONEDNN", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"BASIS_ONEDNN must be one of {', '.join(_MODES)}; got {mode!r}")
+    return mode
+
+
 def onednn_available() -> bool:
     """Whether the oneDNN route is enabled here and passed its self-check (done once)."""
-    if os.environ.get("BASIS_ONEDNN", "1") == "0":
+    if _mode() == "0":
         return False
     if _state["ok"] is None:
         _state["ok"] = _self_check()
@@ -59,9 +78,11 @@ def _self_check() -> bool:
     return bool(ok)
 
 
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` (or ``x @ weight``) is a large fp32 CPU product oneDNN should run."""
-    return (
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, direction: str = "forward") -> bool:
+    """Whether oneDNN runs this product of a linear layer with ``weight`` (M, N): ``x @ weight.T``
+    for ``direction="forward"`` (x: (..., N)), ``x @ weight`` for ``"input_grad"`` (x = dY:
+    (..., M)). Only large fp32 CPU products, and only where oneDNN is the faster library here."""
+    if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -70,7 +91,83 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and onednn_available()
-    )
+    ):
+        return False
+    if _mode() == "1":
+        return True
+    rows = x.numel() // x.shape[-1]
+    key = (direction, rows, weight.shape[1], weight.shape[0], torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _stored_choice(key)
+    return choice
+
+
+def _stored_choice(key: tuple[str, int, int, int, int]) -> bool:
+    """The faster library for ``key`` on this machine: read from the cache, or measured now and
+    stored there (the first process to store a choice wins; the others read and use it)."""
+    from data.cache import cache_dir  # lazy: a light import for the library
+
+    from .native import cpu_signature
+
+    direction, rows, n_in, n_out, threads = key
+    machine = hashlib.sha256(cpu_signature() + torch.__version__.encode()).hexdigest()[:12]
+    path = cache_dir() / "gemm" / f"{machine}-{direction}-{rows}x{n_in}x{n_out}-t{threads}"
+    if not path.exists():
+        _store_first(path, "onednn" if _onednn_is_faster(*key[:4]) else "mkl")
+    try:
+        stored = path.read_text().strip()
+    except OSError:
+        stored = ""
+    if stored not in ("onednn", "mkl"):  # unreadable or damaged: measure again and replace it
+        stored = "onednn" if _onednn_is_faster(*key[:4]) else "mkl"
+        _store_first(path, stored, replace=True)
+    return stored == "onednn"
+
+
+def _store_first(path: Path, choice: str, replace: bool = False) -> None:
+    """Write ``choice`` to ``path`` whole (staged, then linked or renamed into place); unless
+    ``replace``, a file already there is kept: os.link refuses to overwrite, so of two processes
+    deciding at once the first one's choice stands and the other reads it."""
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(choice + "\n")
+        try:
+            if replace:
+                os.replace(staged, path)
+            else:
+                os.link(staged, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            os.replace(staged, path)
+    except OSError:  # a read-only cache: the choice holds for this process only
+        pass
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _onednn_is_faster(direction: str, rows: int, n_in: int, n_out: int) -> bool:
+    """Time both libraries on random operands of this shape (best of 3 after a warm-up call each,
+    in alternation); oneDNN must be 3 % faster to be chosen, so near-ties keep PyTorch's default."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n_out, n_in, generator=gen)
+    if direction == "forward":
+        x = torch.randn(rows, n_in, generator=gen)
+        runs = (lambda: F.linear(x, weight), lambda: _op()(x, weight, None, "none", [], ""))
+    else:
+        dy = torch.randn(rows, n_out, generator=gen)
+        runs = (lambda: dy @ weight, lambda: _op()(dy, weight.t(), None, "none", [], ""))
+    best = [float("inf"), float("inf")]
+    with torch.no_grad():
+        for i in range(4):
+            for lib, run in enumerate(runs):
+                t0 = time.perf_counter()
+                run()
+                if i:  # the first call of each warms up
+                    best[lib] = min(best[lib], time.perf_counter() - t0)
+    return best[1] < 0.97 * best[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +179,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dy @ weight``, the input gradient of a linear layer, by the faster library."""
-    if use_onednn(dy, weight):
+    if use_onednn(dy, weight, "input_grad"):
         return _op()(dy, weight.t(), None, "none", [], "")
     return dy @ weight
 
@@ -112,8 +209,9 @@ class _LinearFn(torch.autograd.Function):
 def fast_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear`` with the same autograd, its large CPU products run by oneDNN."""
-    if not use_onednn(x, weight):
+    """``F.linear`` with the same autograd, its large CPU products each run by the faster
+    library (``use_onednn``; the input gradient's key needs only the row count, same as x's)."""
+    if not (use_onednn(x, weight) or use_onednn(x, weight, "input_grad")):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

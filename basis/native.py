@@ -202,12 +202,13 @@ def sketched_linear(
     balanced: bool,
     seed: int,
     scale_in_sketch_max: int,
-    onednn: bool,
+    onednn_forward: bool,
+    onednn_input_grad: bool,
 ) -> torch.Tensor | None:
     """``basis_linear`` of fp32 CPU tensors with a count sketch drawn from ``seed`` (in [0, 2⁶⁴)),
     by the compiled operator; None where it does not apply or is unavailable (the caller's Python
-    path then runs). ``onednn``: run y = x Wᵀ and dX = dY W in oneDNN (``gemm.use_onednn``), else
-    in PyTorch's defaults (``F.linear``, ``matmul``); dW's product is PyTorch's ``mm`` either way."""
+    path then runs). ``onednn_*``: run y = x Wᵀ, dX = dY W in oneDNN (``gemm.use_onednn``), else in
+    PyTorch's defaults (``F.linear``, ``matmul``); dW's product is PyTorch's ``mm`` either way."""
     op = _op_state["op"] if _op_state["tried"] else _operator()
     # Attribute tests only: inside a training step, with the caches just flushed by the output
     # head's products, each line of Python here costs microseconds.
@@ -225,7 +226,7 @@ def sketched_linear(
         seed -= 1 << 64  # the int64 with the same bits: operator schemas have no uint64
     return op(
         x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced, seed,
-        _SIGN_SALT_INT64, scale_in_sketch_max, onednn,
+        _SIGN_SALT_INT64, scale_in_sketch_max, onednn_forward, onednn_input_grad,
     )  # fmt: skip
 
 
@@ -253,7 +254,7 @@ def _built(stem: str, key: list[bytes], flags: list[str], command: list[str]) ->
     cache, or compiled into it now; None if the compiler fails."""
     from data.cache import cache_dir  # $BASIS_CACHE_DIR, else ~/.cache/basis (lazy: light import)
 
-    digest = hashlib.sha256(b"\0".join([*key, " ".join(command).encode(), _cpu_signature()]))
+    digest = hashlib.sha256(b"\0".join([*key, " ".join(command).encode(), cpu_signature()]))
     lib = cache_dir() / f"{stem}-{digest.hexdigest()[:16]}.so"
     if lib.exists() or _compile(command, lib):
         return lib
@@ -360,7 +361,8 @@ def _operator_self_check(op) -> bool:
     for onednn in (False, True) if onednn_available() else (False,):
         x.grad = w.grad = b.grad = None
         try:
-            args = (rank, lam, 2.0, eps, True, True, as_int64(seed), _SIGN_SALT_INT64, 0, onednn)
+            args = (rank, lam, 2.0, eps, True, True, as_int64(seed), _SIGN_SALT_INT64, 0)
+            args += (onednn, onednn)
             y = op(x, w, b, *args)
             y.backward(dy)
         except RuntimeError:
@@ -430,7 +432,7 @@ def _self_check(dll: ctypes.CDLL) -> bool:
     )
 
 
-def _cpu_signature() -> bytes:
+def cpu_signature() -> bytes:
     """-march=native code must not be reused on another CPU sharing the cache (e.g. over NFS)."""
     try:
         with open("/proc/cpuinfo", "rb") as f:

@@ -6,8 +6,9 @@
 
 Forward ``x @ Wᵀ`` and input gradient ``dY @ W`` per shape, medians of ``--repeats`` calls, the
 two libraries timed in alternation so load from other processes hits both alike. The ratio is
-oneDNN over MKL (below 1: oneDNN is faster). ``gemm.MIN_MACS`` decides which shapes the layers
-send to oneDNN; this table is how it was chosen.
+oneDNN over MKL (below 1: oneDNN is faster). The last column is the library the layers use for
+each product here: MKL below ``gemm.MIN_MACS`` multiply-adds, above it the one ``gemm.py`` timed
+as faster on this machine (``BASIS_ONEDNN=auto``) and stored in the cache.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         d_mkl, d_dnn = alternate(
             [partial(torch.mm, dy, w), partial(op, dy, w.t(), None, "none", [], "")], args.repeats
         )
-        routed = "oneDNN" if b * n * m >= gemm.MIN_MACS else "MKL"
+        library = {True: "oneDNN", False: "MKL"}
+        routed = (
+            f"{library[gemm.use_onednn(x, w)]}, {library[gemm.use_onednn(dy, w, 'input_grad')]}"
+        )
         rows.append(
             [
                 f"{b} × {n} → {m}",
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dX MKL",
                 "dX oneDNN",
                 "ratio",
-                "layers use",
+                "layers use (fwd, dX)",
             ],
             rows,
         )

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from basis import gemm
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gemm.py"
 
 
@@ -20,5 +24,13 @@ def test_bench_gemm_quick_table():
         return
     assert len(rows) == 4
     routed = {r.split("|")[1].strip(): r.split("|")[-2].strip() for r in rows}
-    assert routed["64 × 64 → 50257"] == "oneDNN"
-    assert routed["64 × 64 → 256"] == "MKL"
+    assert routed["64 × 64 → 256"] == "MKL, MKL"  # below gemm.MIN_MACS
+    # The head: the libraries this machine's stored choices (basis/gemm.py) name, at 1 thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, w, dy = torch.randn(64, 64), torch.randn(50257, 64), torch.randn(64, 50257)
+        want = [gemm.use_onednn(x, w), gemm.use_onednn(dy, w, "input_grad")]
+    finally:
+        torch.set_num_threads(before)
+    assert routed["64 × 64 → 50257"] == ", ".join("oneDNN" if u else "MKL" for u in want)

@@ -25,6 +25,7 @@ def op_calls(monkeypatch):
         calls.append(tuple(args[0].shape))
         return real(*args)
 
+    monkeypatch.setenv("BASIS_ONEDNN", "1")  # every large product to oneDNN, whatever is faster
     if gemm.onednn_available():
         monkeypatch.setattr(gemm, "_op", lambda: counting)
     return calls
@@ -135,7 +136,7 @@ def test_gpt_layers_use_it_and_basis_dx_stays_exact_on_the_onednn_path(monkeypat
     compiled = native.sketched_linear
 
     def spy(*args):
-        routes.append(args[-1])  # `onednn`: the library asked of the compiled operator
+        routes.append(args[-2:])  # the libraries asked of the compiled operator
         return compiled(*args)
 
     monkeypatch.setattr(native, "sketched_linear", spy)
@@ -154,4 +155,81 @@ def test_gpt_layers_use_it_and_basis_dx_stays_exact_on_the_onednn_path(monkeypat
         assert torch.equal(y, gemm.linear(x, w))
         assert torch.equal(x.grad, gemm.input_grad(dy, w))
     if native.operator_available():
-        assert routes == [gemm.onednn_available()]
+        assert routes == [(gemm.use_onednn(x, w), gemm.use_onednn(x, w, "input_grad"))]
+
+
+needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="no oneDNN operator")
+
+
+@pytest.fixture
+def auto_mode(monkeypatch, tmp_path):
+    """BASIS_ONEDNN=auto with an empty choice cache, as in a new process on a new machine."""
+    monkeypatch.setenv("BASIS_ONEDNN", "auto")
+    monkeypatch.setenv("BASIS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemm, "_choices", {})
+    return tmp_path / "gemm"
+
+
+@needs_onednn
+def test_auto_measures_once_per_machine_and_keeps_the_choice(monkeypatch, auto_mode):
+    x, w, _, _ = _inputs(*BIG)
+    timed = []
+    monkeypatch.setattr(gemm, "_onednn_is_faster", lambda *key: timed.append(key) or True)
+    assert gemm.use_onednn(x, w) and gemm.use_onednn(x, w)
+    assert timed == [("forward", BIG[0], BIG[1], BIG[2])]  # measured once
+    (stored,) = auto_mode.iterdir()
+    assert stored.read_text() == "onednn\n" and "-forward-" in stored.name
+    # A new process (empty memo) reads the machine's choice instead of measuring again.
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setattr(gemm, "_onednn_is_faster", lambda *key: pytest.fail("measured again"))
+    assert gemm.use_onednn(x, w)
+    stored.write_text("mkl\n")  # the other library, as another machine state would have it
+    monkeypatch.setattr(gemm, "_choices", {})
+    assert not gemm.use_onednn(x, w)
+
+
+@needs_onednn
+def test_auto_forward_and_input_grad_are_chosen_apart(monkeypatch, auto_mode, op_calls):
+    monkeypatch.setenv("BASIS_ONEDNN", "auto")  # op_calls pinned "1"; count calls under auto
+    monkeypatch.setattr(gemm, "_onednn_is_faster", lambda direction, *shape: direction != "forward")
+    x, w, b, dy = _inputs(*BIG)
+    y_ref, g_ref = _grads(F.linear, x, w, b, dy)
+    y, g = _grads(gemm.fast_linear, x, w, b, dy)
+    assert op_calls == [(BIG[0], BIG[2])]  # only dX = dY W went to oneDNN (dY: rows × M)
+    assert torch.equal(y, y_ref)  # the forward stayed in MKL
+    torch.testing.assert_close(g[0], g_ref[0], rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_auto_remeasures_a_damaged_choice(monkeypatch, auto_mode):
+    x, w, _, _ = _inputs(*BIG)
+    monkeypatch.setattr(gemm, "_onednn_is_faster", lambda *key: False)
+    assert not gemm.use_onednn(x, w)
+    (stored,) = auto_mode.iterdir()
+    stored.write_text("garbage")
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setattr(gemm, "_onednn_is_faster", lambda *key: True)
+    assert gemm.use_onednn(x, w)
+    assert stored.read_text() == "onednn\n"
+
+
+def test_the_first_stored_choice_stands(tmp_path):
+    path = tmp_path / "gemm" / "key"
+    gemm._store_first(path, "mkl")
+    gemm._store_first(path, "onednn")  # a second process deciding at the same time
+    assert path.read_text() == "mkl\n"
+    gemm._store_first(path, "onednn", replace=True)
+    assert path.read_text() == "onednn\n"
+    assert [p.name for p in path.parent.iterdir()] == ["key"]  # no staged files left
+
+
+@needs_onednn
+def test_timing_both_libraries_gives_an_answer():
+    for direction in ("forward", "input_grad"):
+        assert gemm._onednn_is_faster(direction, 64, 64, 1100) in (True, False)
+
+
+def test_bad_onednn_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("BASIS_ONEDNN", "yes")
+    with pytest.raises(ValueError, match="BASIS_ONEDNN must be one of auto, 1, 0; got 'yes'"):
+        gemm.onednn_available()

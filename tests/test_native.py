@@ -263,9 +263,10 @@ def test_operator_equals_the_python_path(
     dy = torch.randn(1, rows, n_out, generator=gen)
     seed = 2**64 - 7  # the top bit set: passed to the operator as a negative int64
     settings = (rank, lam, scale, 1e-8, invariant, hashing, seed, None, None)
-    onednn = gemm.use_onednn(x, w)  # the library basis_linear would pick for this product
+    # the libraries basis_linear would pick for these products
+    onednn = (gemm.use_onednn(x, w), gemm.use_onednn(x, w, "input_grad"))
     op_args = (rank, lam, scale, 1e-8, invariant, hashing == "balanced", seed)
-    op_args += (_SCALE_IN_SKETCH_MAX, onednn)
+    op_args += (_SCALE_IN_SKETCH_MAX, *onednn)
     compiled = _grads(lambda: native.sketched_linear(x, w, b, *op_args), x, w, b, dy)
     python = _grads(lambda: _BasisLinearFn.apply(x, w, b, settings), x, w, b, dy)
     for got, want in zip(compiled, python, strict=True):

@@ -5,7 +5,7 @@
  * arithmetic, and the Python autograd.Function around it cost ~100 µs a call inside a training
  * step (forward and backward), against ~30 µs for F.linear, whose node is C++. This file is the
  * same algorithm, step for step, with the same kernel (count_sketch.c, included below) and the
- * same GEMMs (MKL, or oneDNN where basis/gemm.py picks it: `onednn`), so its results equal the
+ * same GEMMs (MKL, or oneDNN where basis/gemm.py picks it: `onednn_*`), so its results equal the
  * Python path's; tests/test_native.py checks that. The Python
  * path stays the reference and serves everything else (CUDA, other dtypes, the Gaussian peer, a
  * given h and s, torch.compile). Built and loaded by basis/native.py.
@@ -90,10 +90,10 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
                               const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                               double scale, double eps, bool invariant, bool balanced,
                               int64_t seed, int64_t sign_salt, int64_t scale_in_sketch_max,
-                              bool onednn) {
+                              bool onednn_forward, bool onednn_input_grad) {
         const int64_t sign_seed = (int64_t)((uint64_t)seed ^ (uint64_t)sign_salt);
         // Step 1: the forward output is the exact linear map (bias outside the sketched product).
-        at::Tensor y = linear(x, weight, bias, onednn);
+        at::Tensor y = linear(x, weight, bias, onednn_forward);
         at::Tensor rows = x.reshape({-1, x.size(-1)});
         const int64_t r_eff = std::min(rank, rows.size(0));
         // Steps 5-6: X^ = gamma_X S X, one kernel call (draw, sum, norms, scaling).
@@ -104,7 +104,7 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
         ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
         ctx->saved_data["settings"] = std::vector<double>{lam, scale, eps};
         ctx->saved_data["flags"] = std::vector<int64_t>{invariant, balanced, seed, sign_seed,
-                                                        scale_in_sketch_max, onednn};
+                                                        scale_in_sketch_max, onednn_input_grad};
         return y;
     }
 
@@ -139,16 +139,18 @@ struct SketchedLinear : public torch::autograd::Function<SketchedLinear> {
         }
         if (want_db && !db.defined()) db = dy_rows.sum(0);
         at::Tensor none;
-        return {dx, dw, db, none, none, none, none, none, none, none, none, none, none};
+        return {dx, dw, db, none, none, none, none, none, none, none, none, none, none, none};
     }
 };
 
 at::Tensor sketched_linear(const at::Tensor &x, const at::Tensor &weight,
                            const std::optional<at::Tensor> &bias, int64_t rank, double lam,
                            double scale, double eps, bool invariant, bool balanced, int64_t seed,
-                           int64_t sign_salt, int64_t scale_in_sketch_max, bool onednn) {
+                           int64_t sign_salt, int64_t scale_in_sketch_max, bool onednn_forward,
+                           bool onednn_input_grad) {
     return SketchedLinear::apply(x, weight, bias, rank, lam, scale, eps, invariant, balanced, seed,
-                                 sign_salt, scale_in_sketch_max, onednn);
+                                 sign_salt, scale_in_sketch_max, onednn_forward,
+                                 onednn_input_grad);
 }
 
 }  // namespace
@@ -157,7 +159,7 @@ TORCH_LIBRARY(basis, m) {
     m.def(
         "sketched_linear(Tensor x, Tensor weight, Tensor? bias, int rank, float lam, float scale, "
         "float eps, bool invariant_scalars, bool balanced, int seed, int sign_salt, "
-        "int scale_in_sketch_max, bool onednn) -> Tensor");
+        "int scale_in_sketch_max, bool onednn_forward, bool onednn_input_grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(basis, CompositeImplicitAutograd, m) {
