@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from basis import apply_basis, seed_sketches
+from basis.native import prepare as prepare_native
 from data import DataError, TrainLoader, ValLoader, load_split, prepare_data
 from model import GPT, GPTConfig
 from trainer.checkpoint import (
@@ -161,6 +162,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             hashing=mc["hashing"],
             seed=conf["seed"],
         )
+        if device.type == "cpu":
+            prepare_native()  # build BASIS's CPU code now, not inside the first timed step
     own_seed = rank_seed(conf["seed"], dist_info.rank)
     if dist_info.enabled:  # each rank its own dropout and sketches; rank 0 keeps the run seed's
         seed_everything(own_seed % 2**32)  # numpy takes 32-bit seeds

@@ -230,6 +230,14 @@ def sketched_linear(
     )  # fmt: skip
 
 
+def prepare() -> bool:
+    """Build (or load) the compiled kernel and operator now rather than at their first use, which
+    may be inside something being timed (the operator's first build takes ~15 s). Returns whether
+    the operator is available."""
+    available()
+    return operator_available()
+
+
 def operator_available() -> bool:
     """Whether ``torch.ops.basis.sketched_linear`` is enabled here, built and self-checked."""
     return _operator() is not None
@@ -249,12 +257,14 @@ def _compiler(cpp: bool = False) -> str | None:
     return next((path for n in names if n and (path := shutil.which(n))), None)
 
 
-def _built(stem: str, key: list[bytes], flags: list[str], command: list[str]) -> Path | None:
-    """The library ``command`` (a compiler call without ``-o``) builds from ``flags``, from the
-    cache, or compiled into it now; None if the compiler fails."""
+def _built(stem: str, key: list[bytes], command: list[str]) -> Path | None:
+    """The library ``command`` (a compiler call without ``-o``) builds, from the cache or compiled
+    into it now; None if the compiler fails. The cache name hashes ``key`` (what the library's
+    content depends on: sources, compiler, flags, versions), not paths, so clones of the repo and
+    fresh virtual environments share one build."""
     from data.cache import cache_dir  # $BASIS_CACHE_DIR, else ~/.cache/basis (lazy: light import)
 
-    digest = hashlib.sha256(b"\0".join([*key, " ".join(command).encode(), cpu_signature()]))
+    digest = hashlib.sha256(b"\0".join([*key, cpu_signature()]))
     lib = cache_dir() / f"{stem}-{digest.hexdigest()[:16]}.so"
     if lib.exists() or _compile(command, lib):
         return lib
@@ -267,7 +277,8 @@ def _load():
         return _give_up("no C compiler found (set CC)")
     for flags in _FLAG_SETS:
         cmd = [compiler, *flags, "-shared", "-fPIC", str(_SOURCE), "-lm"]
-        lib = _built("count_sketch", [_SOURCE.read_bytes()], flags, cmd)
+        key = [_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode()]
+        lib = _built("count_sketch", key, cmd)
         if lib is None:
             continue
         try:
@@ -316,9 +327,11 @@ def _load_operator():
         str(_OP_SOURCE),
         f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ltorch", "-ltorch_cpu", "-lc10", "-lm",
     ]  # fmt: skip
-    key = [_OP_SOURCE.read_bytes(), _SOURCE.read_bytes(), torch.__version__.encode()]
+    sources = [_OP_SOURCE.read_bytes(), _SOURCE.read_bytes(), compiler.encode()]
+    abi = f"{torch.__version__} abi{int(torch.compiled_with_cxx11_abi())}".encode()
     for flags in _FLAG_SETS:
-        lib = _built("sketched_linear", key, flags, [compiler, *flags, *common])
+        key = [*sources, abi, " ".join(flags).encode()]
+        lib = _built("sketched_linear", key, [compiler, *flags, *common])
         if lib is None:
             continue
         # One load only: a second library registering the `basis` namespace would be refused.

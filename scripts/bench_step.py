@@ -30,6 +30,7 @@ import torch
 from _common import PAPER_LAYERS, UsageError, fail, load_model_config, md_table, parse_int_list
 
 from basis import apply_basis
+from basis.native import prepare as prepare_native
 from model import GPT, GPTConfig
 from trainer.optim import build_optimizer
 from trainer.runtime import keep_freed_memory, set_threads
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(prog, str(e))
     threads = set_threads(args.threads or None)
     keep_freed_memory()
+    prepare_native()  # a first build of the compiled operator (~15 s) is not a step's cost
     methods = ["exact", *(f"R={r}" for r in ranks)]
     per_round = bench(
         methods, model_cfg, args.batch, args.block, args.rounds, args.steps, args.skip

@@ -348,3 +348,25 @@ def test_operator_turned_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 native_cc = native._compiler()
+
+
+@needs_compiler
+def test_prepare_builds_the_kernel_and_the_operator_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    for state, loaded in ((native._state, "lib"), (native._op_state, "op")):
+        monkeypatch.setitem(state, loaded, None)
+        monkeypatch.setitem(state, "tried", False)
+    assert native.prepare() == native.operator_available()
+    assert native._state["tried"] and native._op_state["tried"]  # nothing left for first use
+    assert native._state["lib"] is not None
+
+
+def test_build_cache_names_do_not_depend_on_paths(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    # Clones of the repo and new virtual environments must find the same build: the name hashes
+    # what the library depends on, never where the source or PyTorch's headers live.
+    monkeypatch.setenv("BASIS_CACHE_DIR", str(tmp_path))
+    built = []
+    monkeypatch.setattr(native, "_compile", lambda command, lib: built.append(lib) or True)
+    a = native._built("x", [b"source", b"cc"], ["cc", "/one/clone/x.c", "-I/venv1/include"])
+    b = native._built("x", [b"source", b"cc"], ["cc", "/other/clone/x.c", "-I/venv2/include"])
+    c = native._built("x", [b"changed source", b"cc"], ["cc", "/one/clone/x.c"])
+    assert a == b != c
