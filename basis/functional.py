@@ -2,6 +2,8 @@
 
 Read side by side with ``BASIS-SPEC.md`` §1. PyTorch layout: ``weight`` is (M, N) and
 ``y = x @ weight.T + bias``, so the estimated weight gradient is ``dŶᵀ X̂`` rather than ``X̂ᵀ dŶ``.
+``_BasisLinearFn`` is the reference; for fp32 CPU tensors the same steps run as one compiled
+operator (``csrc/sketched_linear.cpp``, via ``native.py``) whose results equal it bit for bit.
 """
 
 from __future__ import annotations
