@@ -74,6 +74,7 @@ class BasisLinear(Linear):
             torch.compiler.is_compiling()
             or not self.weight.requires_grad
             or x.numel() == 0
+            or x.dim() == 0
             or x.shape[-1] != self.in_features
         ):
             return self._checked(x)

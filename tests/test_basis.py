@@ -358,6 +358,13 @@ def test_shape_mismatches_raise_value_error():
         BasisLinear(3, 2, rank=0)
     with pytest.raises(ValueError, match="lam"):
         apply_basis(_Tiny(), ["lm_head"], rank=2, lam=1.5)
+    layer = BasisLinear(3, 2, rank=2)  # the layer's own short path checks what it skips
+    for x in (torch.randn(4, 5), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="in_features 3, got x of shape"):
+            layer(x)
+    layer.rank = 0  # settings changed after construction are checked at the next call
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        layer(torch.randn(4, 3))
 
 
 def test_bf16_autocast_keeps_parameter_dtypes():
