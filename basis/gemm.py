@@ -113,16 +113,20 @@ def _stored_choice(key: tuple[str, int, int, int, int]) -> bool:
     direction, rows, n_in, n_out, threads = key
     machine = hashlib.sha256(cpu_signature() + torch.__version__.encode()).hexdigest()[:12]
     path = cache_dir() / "gemm" / f"{machine}-{direction}-{rows}x{n_in}x{n_out}-t{threads}"
-    if not path.exists():
-        _store_first(path, "onednn" if _onednn_is_faster(*key[:4]) else "mkl")
+    stored = _read_choice(path)
+    if stored is None:  # not measured on this machine yet, or the file is damaged (replaced)
+        measured = "onednn" if _onednn_is_faster(*key[:4]) else "mkl"
+        _store_first(path, measured, replace=path.exists())
+        stored = _read_choice(path) or measured  # another process's, if it stored one first
+    return stored == "onednn"
+
+
+def _read_choice(path: Path) -> str | None:
     try:
         stored = path.read_text().strip()
     except OSError:
-        stored = ""
-    if stored not in ("onednn", "mkl"):  # unreadable or damaged: measure again and replace it
-        stored = "onednn" if _onednn_is_faster(*key[:4]) else "mkl"
-        _store_first(path, stored, replace=True)
-    return stored == "onednn"
+        return None
+    return stored if stored in ("onednn", "mkl") else None
 
 
 def _store_first(path: Path, choice: str, replace: bool = False) -> None:

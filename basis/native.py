@@ -222,10 +222,8 @@ def sketched_linear(
         or torch.compiler.is_compiling()
     ):
         return None
-    if seed >> 63:
-        seed -= 1 << 64  # the int64 with the same bits: operator schemas have no uint64
     return op(
-        x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced, seed,
+        x, weight, bias, rank, lam, scale, eps, invariant_scalars, balanced, as_int64(seed),
         _SIGN_SALT_INT64, scale_in_sketch_max, onednn_forward, onednn_input_grad,
     )  # fmt: skip
 
