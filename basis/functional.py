@@ -244,12 +244,10 @@ def sketched_linear(
     Python costs several times what it does in a warm loop, so the per-call path is kept short."""
     if hashing != "gaussian":
         # fp32 on CPU: the same steps as _BasisLinearFn in one compiled operator (native.py),
-        # with the same choices of GEMM library (the size test first: use_onednn costs more).
-        big = x.numel() * weight.shape[0] >= gemm.MIN_MACS
+        # with the same choices of GEMM library.
         y = native.sketched_linear(
             x, weight, bias, rank, lam, scale, eps, invariant_scalars, hashing == "balanced",
-            seed, _SCALE_IN_SKETCH_MAX,
-            big and gemm.use_onednn(x, weight), big and gemm.use_onednn(x, weight, "input_grad"),
+            seed, _SCALE_IN_SKETCH_MAX, *gemm.onednn_routes(x, weight),
         )  # fmt: skip
         if y is not None:
             return y

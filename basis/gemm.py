@@ -82,17 +82,32 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor, direction: str = "forward"
     """Whether oneDNN runs this product of a linear layer with ``weight`` (M, N): ``x @ weight.T``
     for ``direction="forward"`` (x: (..., N)), ``x @ weight`` for ``"input_grad"`` (x = dY:
     (..., M)). Only large fp32 CPU products, and only where oneDNN is the faster library here."""
-    if not (
-        x.device.type == "cpu"
+    return _large_fp32_cpu(x, weight) and _faster_here(x, weight, direction)
+
+
+def onednn_routes(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, bool]:
+    """``use_onednn`` for both products of a layer with input ``x``, the shared checks done once
+    (the input gradient's choice needs only the row count, the same for x and dY)."""
+    if not _large_fp32_cpu(x, weight):
+        return False, False
+    return _faster_here(x, weight, "forward"), _faster_here(x, weight, "input_grad")
+
+
+def _large_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # The size first: every small layer of every step asks, and most stop there.
+    return (
+        x.dim() >= 1
+        and x.numel() // max(x.shape[-1], 1) * weight.numel() >= MIN_MACS  # rows · M · N
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.dim() >= 1
-        and x.numel() // max(x.shape[-1], 1) * weight.numel() >= MIN_MACS  # rows · M · N
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and onednn_available()
-    ):
-        return False
+    )
+
+
+def _faster_here(x: torch.Tensor, weight: torch.Tensor, direction: str) -> bool:
     if _mode() == "1":
         return True
     rows = x.numel() // x.shape[-1]
@@ -214,8 +229,8 @@ def fast_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear`` with the same autograd, its large CPU products each run by the faster
-    library (``use_onednn``; the input gradient's key needs only the row count, same as x's)."""
-    if not (use_onednn(x, weight) or use_onednn(x, weight, "input_grad")):
+    library (``onednn_routes``)."""
+    if not any(onednn_routes(x, weight)):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

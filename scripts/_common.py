@@ -34,11 +34,17 @@ def available_models() -> list[str]:
 
 def load_model_config(name: str) -> dict:
     """The GPTConfig keywords of ``configs/model/<name>.yaml``, the presets train.py uses."""
+    return load_config("model", name)
+
+
+def load_config(group: str, name: str) -> dict:
+    """``configs/<group>/<name>.yaml`` as a dict: the presets train.py uses, in one place."""
     from omegaconf import OmegaConf
 
-    path = MODEL_CONFIG_DIR / f"{name}.yaml"
+    path = REPO / "configs" / group / f"{name}.yaml"
     if not path.is_file():
-        raise UsageError(f"unknown model {name!r}; choose from {', '.join(available_models())}")
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UsageError(f"unknown {group} {name!r}; choose from {known}")
     return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 

@@ -27,7 +27,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
-from _common import PAPER_LAYERS, UsageError, fail, load_model_config, md_table, parse_int_list
+from _common import UsageError, fail, load_config, load_model_config, md_table, parse_int_list
 
 from basis import apply_basis
 from basis.native import prepare as prepare_native
@@ -36,18 +36,21 @@ from trainer.optim import build_optimizer
 from trainer.runtime import keep_freed_memory, set_threads
 from trainer.stats import mean_se
 
-# The paper's optimizer (configs/optim/sgd.yaml); its lr does not change a step's cost.
-PAPER_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
-PAPER_SGD["impl"] = "auto"
 
-
-def build(method: str, model_cfg: dict, optim_cfg: dict) -> tuple[GPT, torch.optim.Optimizer]:
+def build(method: str, model_cfg: dict) -> tuple[GPT, torch.optim.Optimizer]:
+    """The model and optimizer of ``method`` ("exact" or "R=<rank>"), as ``train.py`` builds them
+    from ``optim=sgd`` (the paper's) and ``method=basis`` with that rank."""
     torch.manual_seed(0)  # the same initial weights for every method
     model = GPT(GPTConfig.from_dict(model_cfg))
     if method != "exact":
-        apply_basis(model, PAPER_LAYERS, rank=int(method.removeprefix("R=")), lam=0.01, seed=0)
+        mc = load_config("method", "basis")
+        apply_basis(
+            model, mc["layers"], rank=int(method.removeprefix("R=")), lam=mc["lam"],
+            scale=mc["scale"], eps=mc["eps"], invariant_scalars=mc["invariant_scalars"],
+            hashing=mc["hashing"], seed=0,
+        )  # fmt: skip
     model.train()
-    return model, build_optimizer(model, optim_cfg, "cpu")
+    return model, build_optimizer(model, load_config("optim", "sgd"), "cpu")
 
 
 def step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -68,7 +71,7 @@ def bench(
     seed: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per step, per method and round (the median of the round's timed steps)."""
-    runs = {m: build(m, model_cfg, PAPER_SGD) for m in methods}
+    runs = {m: build(m, model_cfg) for m in methods}
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(
         0, model_cfg["vocab_size"], (steps + skip, batch, block + 1), generator=gen

@@ -264,7 +264,7 @@ def test_operator_equals_the_python_path(
     seed = 2**64 - 7  # the top bit set: passed to the operator as a negative int64
     settings = (rank, lam, scale, 1e-8, invariant, hashing, seed, None, None)
     # the libraries basis_linear would pick for these products
-    onednn = (gemm.use_onednn(x, w), gemm.use_onednn(x, w, "input_grad"))
+    onednn = gemm.onednn_routes(x, w)
     op_args = (rank, lam, scale, 1e-8, invariant, hashing == "balanced", seed)
     op_args += (_SCALE_IN_SKETCH_MAX, *onednn)
     compiled = _grads(lambda: native.sketched_linear(x, w, b, *op_args), x, w, b, dy)
